@@ -1,0 +1,257 @@
+"""The composite tensor format: rotation -> sparse outliers -> scaling -> element code.
+
+:class:`TensorFormat` is the one object the rest of the library talks to.  It can
+
+* ``quantise(w)``: fake-quantise (returns a tensor of w's shape and dtype);
+* ``encode(w)``: produce an :class:`EncodedTensor`, whose ``tensors`` are the real
+  stored bytes (packed or entropy-coded codes, scales, tables, outliers);
+* ``decode(encoded)``: rebuild the weights (bit-identical to ``quantise(w)``);
+* ``count_bits(w)``: the exact storage cost, equal to ``encode(w).nbits``; for
+  fixed-length formats ``storage_bits(shape)`` gives it without any data.
+
+Bits counted are everything in ``EncodedTensor.tensors``.  The JSON spec and the
+shape (a few dozen bytes per tensor, like a safetensors header) are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import torch
+
+from . import packing
+from .block import Scaling, table_reference
+from .grid import GridElement
+from .rotation import Rotation
+from .scalar import ElementFormat, LutElement, nearest_index
+from .sparse import Outliers, SparseOutliers
+from .spec import Spec, register_spec, spec_from_dict
+
+__all__ = ["TensorFormat", "EncodedTensor", "QuantisedParts"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+class QuantisedParts(NamedTuple):
+    """Everything decoding needs, before it is packed into bytes."""
+
+    codes: torch.Tensor  # int64 [rows, cols]: LUT indices or grid integers
+    scales: torch.Tensor  # float32 [R, nb], as stored (already rounded to the scale format)
+    scale_tensors: dict[str, torch.Tensor]
+    table: torch.Tensor | None  # float64 LUT, None for the grid
+    outliers: Outliers | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedTensor:
+    """A quantised tensor as stored: the format, the original shape/dtype and the bytes."""
+
+    format: TensorFormat
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbits(self) -> int:
+        return 8 * sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_element(self) -> float:
+        numel = max(1, _numel(self.shape))
+        return self.nbits / numel
+
+    def metadata(self) -> dict[str, Any]:
+        dtype = next(k for k, v in _DTYPES.items() if v == self.dtype)
+        return {"format": self.format.to_dict(), "shape": list(self.shape), "dtype": dtype}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EncodedTensor:
+        fmt = spec_from_dict(meta["format"])
+        if not isinstance(fmt, TensorFormat):
+            raise ValueError(f"expected a tensor_format spec, got kind {fmt.kind!r}")
+        if meta.get("dtype") not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {meta.get('dtype')!r}")
+        shape = meta.get("shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise ValueError(f"shape must be a non-empty list of non-negative ints, got {shape!r}")
+        return cls(fmt, tuple(shape), _DTYPES[meta["dtype"]], dict(tensors))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _as_2d_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    cols = shape[-1] if shape else 1
+    return (_numel(shape) // cols if cols else 0), cols
+
+
+@register_spec("tensor_format")
+@dataclasses.dataclass(frozen=True)
+class TensorFormat(Spec):
+    element: ElementFormat = dataclasses.field(default_factory=GridElement)
+    scaling: Scaling = dataclasses.field(default_factory=Scaling)
+    sparse: SparseOutliers | None = None
+    rotation: Rotation | None = None
+
+    def validate(self) -> None:
+        for field, cls in (("element", ElementFormat), ("scaling", Scaling)):
+            if not isinstance(getattr(self, field), cls):
+                raise ValueError(f"TensorFormat.{field} must be a {cls.__name__} spec, got {getattr(self, field)!r}")
+        if self.sparse is not None and not isinstance(self.sparse, SparseOutliers):
+            raise ValueError(f"TensorFormat.sparse must be SparseOutliers or None, got {self.sparse!r}")
+        if self.rotation is not None and not isinstance(self.rotation, Rotation):
+            raise ValueError(f"TensorFormat.rotation must be Rotation or None, got {self.rotation!r}")
+
+    @property
+    def variable_length(self) -> bool:
+        return self.element.variable_length
+
+    # ---- quantisation ----------------------------------------------------------------
+    def quantise_parts(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> QuantisedParts:
+        """Split ``w`` into codes, scales, table and outliers; ``weight`` (e.g. diagonal
+        Fisher, same shape as w) weights the squared error for fitted tables."""
+        w2d = self._to_2d(w)
+        rows, cols = w2d.shape
+        weight2d = None if weight is None else self._weight_2d(weight, rows, cols)
+        outliers = None
+        if self.sparse is not None:
+            w2d, outliers = self.sparse.split(w2d)
+        scale_tensors = self.scaling.encode_scales(self.scaling.raw_scales(w2d, self._reference(rows, cols)))
+        scales = self.scaling.decode_scales(scale_tensors)
+        full_scales = self.scaling.broadcast(scales, rows, cols)
+        u = torch.where(full_scales != 0, w2d / full_scales, torch.zeros_like(w2d))
+        if isinstance(self.element, LutElement):
+            fit_weight = None if weight2d is None else weight2d * full_scales.double().square()
+            table = self.element.fit_table(u, fit_weight, self.scaling.statistic,
+                                           self.scaling.block_elements(rows, cols))
+            codes = nearest_index(u, table.float())
+        else:
+            table, codes = None, self.element.indices(u)
+        return QuantisedParts(codes, scales, scale_tensors, table, outliers)
+
+    def dequantise_parts(self, parts: QuantisedParts, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        rows, cols = _as_2d_shape(shape)
+        if parts.table is not None:
+            values = parts.table.float()[parts.codes]
+        else:
+            values = self.element.values(parts.codes).float()
+        w2d = values.reshape(rows, cols) * self.scaling.broadcast(parts.scales, rows, cols)
+        if parts.outliers is not None:
+            w2d = SparseOutliers.restore(w2d, parts.outliers)
+        if self.rotation is not None:
+            w2d = self.rotation.unrotate(w2d)
+        return w2d.reshape(shape).to(dtype)
+
+    def quantise(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake quantisation: the tensor ``decode(encode(w))`` would give."""
+        return self.dequantise_parts(self.quantise_parts(w, weight), tuple(w.shape), w.dtype)
+
+    # ---- storage ---------------------------------------------------------------------
+    def encode(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> EncodedTensor:
+        parts = self.quantise_parts(w, weight)
+        rows, cols = _as_2d_shape(tuple(w.shape))
+        tensors = dict(parts.scale_tensors)
+        if self.variable_length:
+            from ..coding import encode_symbols
+
+            stream = encode_symbols(parts.codes.reshape(-1))
+            tensors.update({f"codes.{k}": v for k, v in stream.tensors.items()})
+        else:
+            tensors["codes"] = packing.pack_codes(parts.codes, parts.table.numel())
+        if isinstance(self.element, LutElement) and self.element.stores_table:
+            tensors["lut"] = parts.table.float()
+        if parts.outliers is not None:
+            tensors.update(self.sparse.encode(parts.outliers, rows, cols))
+        return EncodedTensor(self, tuple(w.shape), w.dtype, tensors)
+
+    def decode(self, encoded: EncodedTensor) -> torch.Tensor:
+        """Rebuild the weights; malformed tensors raise ValueError (never garbage)."""
+        rows, cols = _as_2d_shape(encoded.shape)
+        tensors = encoded.tensors
+        _require(tensors, ["scales"] + (["scales.outer"] if self.scaling.scale_format == "fp8_e4m3" else []))
+        scales = self.scaling.decode_scales(tensors)
+        if tuple(scales.shape) != self.scaling.grid_shape(rows, cols):
+            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {self.scaling.grid_shape(rows, cols)}")
+        if self.variable_length:
+            from ..coding import decode_symbols, stream_from_tensors
+
+            coded = {k[len("codes."):]: v for k, v in tensors.items() if k.startswith("codes.")}
+            codes = decode_symbols(stream_from_tensors(coded))
+            if codes.numel() != rows * cols:
+                raise ValueError(f"entropy-coded stream holds {codes.numel()} symbols, expected {rows * cols}")
+            table = None
+        else:
+            table = self._stored_table(tensors, rows, cols)
+            _require(tensors, ["codes"])
+            codes = packing.unpack_codes(tensors["codes"], table.numel(), rows * cols)
+        outliers = self.sparse.decode(tensors, rows, cols) if self.sparse is not None else None
+        parts = QuantisedParts(codes.reshape(rows, cols), scales, {}, table, outliers)
+        return self.dequantise_parts(parts, encoded.shape, encoded.dtype)
+
+    def storage_bits(self, shape: tuple[int, ...]) -> int | None:
+        """Exact stored bits for a tensor of ``shape``; None if it depends on the data."""
+        if self.variable_length:
+            return None
+        rows, cols = _as_2d_shape(tuple(shape))
+        levels = self._levels(rows, cols)
+        bits = 8 * packing.packed_nbytes(rows * cols, levels) + self.scaling.scale_bits(rows, cols)
+        if self.element.stores_table:
+            bits += 32 * levels
+        if self.sparse is not None:
+            bits += self.sparse.storage_bits(rows, cols)
+        return bits
+
+    def count_bits(self, w: torch.Tensor) -> int:
+        fixed = self.storage_bits(tuple(w.shape))
+        return fixed if fixed is not None else self.encode(w).nbits
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _to_2d(self, w: torch.Tensor) -> torch.Tensor:
+        if w.ndim == 0:
+            raise ValueError("cannot quantise a 0-d tensor")
+        w2d = w.detach().reshape(_as_2d_shape(tuple(w.shape))).float().cpu()
+        if not torch.isfinite(w2d).all():
+            raise ValueError("weights contain NaN or Inf; refusing to quantise them")
+        return self.rotation.rotate(w2d) if self.rotation is not None else w2d
+
+    def _weight_2d(self, weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        weight2d = weight.detach().reshape(rows, cols).double().cpu()
+        if self.rotation is not None:  # rotation mixes elements: use each block's mean weight
+            b = self.rotation.effective_block(cols)
+            weight2d = weight2d.reshape(rows, cols // b, b).mean(-1, keepdim=True).expand(-1, -1, b)
+            weight2d = weight2d.reshape(rows, cols)
+        return weight2d
+
+    def _reference(self, rows: int, cols: int) -> float:
+        element = self.element
+        if not isinstance(element, LutElement) or element.stores_table:
+            return 1.0
+        table = element.table(self.scaling.statistic, self.scaling.block_elements(rows, cols))
+        return table_reference(table, self.scaling.statistic)
+
+    def _levels(self, rows: int, cols: int) -> int:
+        element = self.element
+        if element.stores_table:
+            return element.num_levels
+        return element.table(self.scaling.statistic, self.scaling.block_elements(rows, cols)).numel()
+
+    def _stored_table(self, tensors: dict[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+        if not self.element.stores_table:
+            return self.element.table(self.scaling.statistic, self.scaling.block_elements(rows, cols))
+        _require(tensors, ["lut"])
+        lut = tensors["lut"]
+        if lut.dtype != torch.float32 or lut.numel() != self.element.num_levels or not torch.isfinite(lut).all():
+            raise ValueError(f"stored lut must be {self.element.num_levels} finite float32 values")
+        return lut.double()
+
+
+def _require(tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"encoded tensor is missing {missing}; present: {sorted(tensors)}")
