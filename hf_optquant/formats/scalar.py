@@ -188,7 +188,7 @@ class LloydMaxElement(LutElement):
     def fit_table(self, u: torch.Tensor, weight: torch.Tensor | None, statistic: str,
                   block_elements: int) -> torch.Tensor:
         u, weight = _subsample(u.flatten().double(), weight, self.max_fit_samples)
-        table = _initial_table(u, self.num_levels)
+        table = _initial_table(u, weight, self.num_levels)
         table = lloyd_max(u, weight, table, self.iterations)
         return table.float().double()  # stored as float32: quantise with what is stored
 
@@ -203,13 +203,16 @@ def _subsample(u: torch.Tensor, weight: torch.Tensor | None, limit: int):
     return u[pick], None if weight is None else weight[pick]
 
 
-def _initial_table(u: torch.Tensor, levels: int) -> torch.Tensor:
+def _initial_table(u: torch.Tensor, weight: torch.Tensor | None, levels: int) -> torch.Tensor:
+    """(Weighted) quantiles of the data at (i + 1/2) / levels: a good start for Lloyd-Max."""
     if u.numel() == 0:
         return torch.linspace(-1, 1, levels, dtype=torch.float64)
+    order = torch.argsort(u)
+    mass = torch.ones_like(u) if weight is None else weight.clamp_min(0)
+    cumulative = torch.cumsum(mass[order], 0)
     probs = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
-    table = torch.quantile(u, probs) if u.numel() < (1 << 24) else torch.sort(u).values[
-        (probs * (u.numel() - 1)).long()]
-    return _spread_duplicates(table)
+    pick = torch.searchsorted(cumulative, probs * cumulative[-1]).clamp_max(u.numel() - 1)
+    return _spread_duplicates(u[order][pick].clone())
 
 
 def _spread_duplicates(table: torch.Tensor) -> torch.Tensor:
