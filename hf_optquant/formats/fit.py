@@ -116,14 +116,18 @@ class _Problem:
             f"scaling: even {low} bit(s) per element plus scales exceed it"
         )
 
-    def best_multiplier(self, element: ElementFormat) -> TensorFormat:
+    def best_multiplier(self, element: ElementFormat, refine: bool = True) -> TensorFormat:
+        """Scale multiplier minimising the error: a coarse log grid, then a finer one around the best."""
         lo, hi = (0.5, 1.0) if self.scaling.statistic != "rms" else _rms_bracket(element)
-        grid = torch.logspace(math.log10(lo), math.log10(hi), 13, dtype=torch.float64).tolist()
-        best = min(grid, key=lambda m: self.error(self.make(element, m)))
-        ratio = (hi / lo) ** (1 / 12)
-        fine = torch.logspace(math.log10(best / ratio), math.log10(best * ratio), 9, dtype=torch.float64)
-        best = min(fine.tolist(), key=lambda m: self.error(self.make(element, m)))
+        best = self._best_on_grid(element, lo, hi, 9)
+        if refine:
+            ratio = (hi / lo) ** (1 / 8)
+            best = self._best_on_grid(element, best / ratio, best * ratio, 7)
         return self.make(element, best)
+
+    def _best_on_grid(self, element: ElementFormat, lo: float, hi: float, points: int) -> float:
+        grid = torch.logspace(math.log10(lo), math.log10(hi), points, dtype=torch.float64).tolist()
+        return min(grid, key=lambda m: self.error(self.make(element, m)))
 
 
 def _rms_bracket(element: ElementFormat) -> tuple[float, float]:
@@ -158,9 +162,9 @@ def _fit_int(p: _Problem) -> TensorFormat:
 def _fit_fp(p: _Problem) -> TensorFormat:
     width = p.widest(lambda b: FPElement(1, b - 2) if b >= 2 else FPElement(1, 0), low=2)
     width_bits = width.bits
-    candidates = [FPElement(e, width_bits - 1 - e) for e in range(1, width_bits)]
-    fitted = [p.best_multiplier(c) for c in candidates]
-    return min(fitted, key=p.error)
+    candidates = [FPElement(e, width_bits - 1 - e) for e in range(1, min(width_bits - 1, 6) + 1)]
+    coarse = min((p.best_multiplier(c, refine=False) for c in candidates), key=p.error)
+    return p.best_multiplier(coarse.element)
 
 
 def _lookup_family(name: str) -> Fitter:
