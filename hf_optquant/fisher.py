@@ -175,12 +175,16 @@ class _deterministic_forward:
                 if isinstance(value, float):
                     self.saved.append((module, attr, value))
                     setattr(module, attr, 0.0)
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
 
     def __exit__(self, *exc):
         if self.checkpointing:
-            self.model.gradient_checkpointing_disable()
+            disable = getattr(self.model, "activation_checkpointing_disable", None)
+            (disable or self.model.gradient_checkpointing_disable)()
         for obj, attr, value in self.saved:
             setattr(obj, attr, value)
         self.model.train(self.was_training)

@@ -84,3 +84,21 @@ def decode_table(freqs: np.ndarray, total: int = PROB_SCALE) -> np.ndarray:
         fill = max(freqs.size - 1, 0)
         lut = np.concatenate([lut, np.full(total - lut.size, fill, dtype=np.int32)])
     return lut
+
+
+SYMBOL_FIELD_BITS = 20
+"""Packed decode entry: ``symbol | (slot - cum[symbol]) << 20 | freq[symbol] << 32``."""
+
+
+def packed_decode_table(freqs: np.ndarray, total: int = PROB_SCALE) -> np.ndarray:
+    """One int64 per slot holding symbol, bias and frequency, so a decode step is one gather.
+
+    ``x' = freq * (x >> PROB_BITS) + bias`` with ``bias = slot - cum[symbol]`` in ``[0, freq)``.
+    Fields are masked to their widths, so even an invalid table yields bounded entries.
+    """
+    lut = decode_table(freqs, total).astype(np.int64)
+    freqs = np.clip(np.asarray(freqs, dtype=np.int64), 0, total)
+    if freqs.size == 0:
+        return np.zeros(total, dtype=np.int64)
+    bias = (np.arange(total, dtype=np.int64) - cumulative(freqs)[lut]) & (total - 1)
+    return lut | (bias << SYMBOL_FIELD_BITS) | (freqs[lut] << 32)

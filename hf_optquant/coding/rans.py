@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .frequencies import cumulative, decode_table
+from .frequencies import SYMBOL_FIELD_BITS, cumulative, packed_decode_table
 from .layout import (
     DIGIT_BITS,
     ENCODE_LIMIT_SHIFT,
@@ -41,6 +41,7 @@ from .layout import (
 
 _SLOT_MASK = (1 << PROB_BITS) - 1
 _WORD_MASK = (1 << WORD_BITS) - 1
+_SYMBOL_MASK = (1 << SYMBOL_FIELD_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -194,20 +195,13 @@ class DecodedLanes:
     """Chunks whose final state is not INITIAL_STATE or that did not use all their words."""
 
 
-def _decode_step(
-    x: np.ndarray,
-    ptr: np.ndarray,
-    end: np.ndarray,
-    payload: np.ndarray,
-    f: np.ndarray,
-    c: np.ndarray,
-    slot: np.ndarray,
+def _renormalise(
+    x: np.ndarray, xs: np.ndarray, ptr: np.ndarray, end: np.ndarray, payload: np.ndarray
 ) -> None:
-    """Finish a decode step (state update + renormalisation) in place; always in bounds."""
-    xs = f * (x >> PROB_BITS) + slot - c
+    """Store ``xs`` into ``x``, pulling one word where the state fell below STATE_LOWER."""
     need = (xs < STATE_LOWER) & (ptr < end)
-    word = payload[np.minimum(ptr, payload.size - 1)]
-    x[:] = np.where(need, (xs << WORD_BITS) | word, xs)
+    np.copyto(xs, (xs << WORD_BITS) | payload.take(np.minimum(ptr, payload.size - 1)), where=need)
+    x[:] = xs
     ptr += need
 
 
@@ -237,24 +231,25 @@ def decode_lanes(
     start = np.minimum(end - sizes, payload.size - 1).clip(0)
     x = (payload[start] << WORD_BITS) | payload[np.minimum(start + 1, payload.size - 1)]
     ptr = start + STATE_WORDS
-    freqs = np.asarray(freqs, dtype=np.int64)
-    f_of, c_of, lut = freqs, cumulative(freqs), decode_table(freqs)
+    table = packed_decode_table(freqs)
     bucket_bits = np.asarray(bucket_bits, dtype=np.int64)
-    has_escapes = freqs.size > num_direct
+    has_escapes = np.asarray(freqs).size > num_direct
     cols = np.empty((size, n_lanes), dtype=np.int32)
     esc_pos: list[np.ndarray] = []
     esc_raw: list[np.ndarray] = []
     for t in range(size):
         n_act = geometry.active(t)
-        xs, ps, es = x[:n_act], ptr[:n_act], end[:n_act]
-        slot = xs & _SLOT_MASK
-        a = lut[slot]
-        _decode_step(xs, ps, es, payload, f_of[a], c_of[a], slot)
+        xs = x[:n_act]
+        entry = table.take(xs & _SLOT_MASK)
+        new = (entry >> 32) * (xs >> PROB_BITS) + ((entry >> SYMBOL_FIELD_BITS) & _SLOT_MASK)
+        _renormalise(xs, new, ptr[:n_act], end[:n_act], payload)
+        a = entry & _SYMBOL_MASK
         cols[t, :n_act] = a
         if has_escapes:
             esc = np.flatnonzero(a >= num_direct)
             if esc.size:
-                esc_raw.append(_decode_digits(x, ptr, end, payload, esc, bucket_bits[a[esc]]))
+                bits = bucket_bits[np.minimum(a[esc], bucket_bits.size - 1)]
+                esc_raw.append(_decode_digits(x, ptr, end, payload, esc, bits))
                 esc_pos.append(esc * size + t)
     bad = np.flatnonzero((x != INITIAL_STATE) | (ptr != end) | (sizes < STATE_WORDS))
     pos = np.concatenate(esc_pos) if esc_pos else empty
@@ -281,9 +276,10 @@ def _decode_digits(
         w = np.minimum(DIGIT_BITS, bits[sel] - DIGIT_BITS * k)
         xs, ps = x[ln], ptr[ln]
         slot = xs & _SLOT_MASK
-        digit = slot >> (PROB_BITS - w)
-        f = np.left_shift(1, PROB_BITS - w)
-        _decode_step(xs, ps, end[ln], payload, f, digit * f, slot)
+        shift = PROB_BITS - w
+        digit = slot >> shift
+        new = (xs >> PROB_BITS << shift) + (slot & ((1 << shift) - 1))
+        _renormalise(xs, new, ps, end[ln], payload)
         x[ln], ptr[ln] = xs, ps
         raw[sel] |= digit.astype(np.uint64) << np.uint64(DIGIT_BITS * k)
     return raw

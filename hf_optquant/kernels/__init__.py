@@ -1,0 +1,28 @@
+"""Kernels for LUT-quantised (fixed-length code) linear layers.
+
+* :mod:`.reference` -- pure-torch reference (dequantise in float32, then matmul);
+* :mod:`.lut_linear` -- Triton GEMV/GEMM kernels and the packed weight layout.
+"""
+
+from .lut_linear import (
+    GEMV_MAX_M,
+    HAS_TRITON,
+    PackedLutWeight,
+    dequantize_packed,
+    lut_linear,
+    pack_lut_weight,
+    unpack_lut_weight,
+)
+from .reference import dequantize_reference, lut_linear_reference
+
+__all__ = [
+    "GEMV_MAX_M",
+    "HAS_TRITON",
+    "PackedLutWeight",
+    "dequantize_packed",
+    "dequantize_reference",
+    "lut_linear",
+    "lut_linear_reference",
+    "pack_lut_weight",
+    "unpack_lut_weight",
+]

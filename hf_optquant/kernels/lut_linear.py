@@ -1,0 +1,718 @@
+"""Triton kernels for ``y = x @ W.T`` with ``W`` in a fixed-length LUT format.
+
+Weight contract (see :mod:`hf_optquant.kernels.reference`)::
+
+    W[n, k] = lut[codes[n, k]] * scales[n, k // block_size]
+
+Kernel-ready layout (:class:`PackedLutWeight`)
+----------------------------------------------
+``qweight`` is an int32 tensor ``[N, n_groups * bits * C]`` (row-major, one row per output
+feature).  K is cut into *groups* of ``G = 32 * C`` codes (``C = sub_k = 16``, so G = 512;
+K is zero-padded up to a multiple of G).  A group is cut into 32 *sub-slots* of C
+consecutive codes: sub-slot ``s`` holds ``k = g*G + s*C + t`` for ``t < C``.
+
+The ``bits`` of a code are split into at most two power-of-two *bit planes*
+(2 -> 2, 3 -> 2+1, 4 -> 4, 5 -> 4+1, 6 -> 4+2, 8 -> 8; the code is
+``plane0 | plane1 << bits0``).  A plane of ``b`` bits packs ``32 / b`` codes per word
+and owns ``b`` *chunks* of C words in each group; word ``t`` of chunk ``q`` holds, in
+bit field ``j`` (bits ``[j*b, (j+1)*b)``), the plane bits of the code at
+``k = g*G + (q*(32/b) + j)*C + t``.  Per row and group the chunks of plane 0 come first,
+then those of plane 1: ``bits * C`` contiguous words (``bits * 64`` bytes).
+
+So one coalesced ``[rows, C]`` load of a chunk, shifted by ``j*b`` and masked, yields
+the codes of a *contiguous* run of C values of k for every row: the kernels never
+shuffle codes between threads, every shift is uniform, and 3/5/6-bit codes cost one
+extra load and an OR.
+
+Kernels
+-------
+* ``_lut_gemv_kernel`` (decode, M <= 4): CUDA-core FMAs; one program owns ``BN`` rows and
+  a slice of the groups (split-K with fp32 atomics when the grid would be too small);
+  the 32 sub-slots of a group are unrolled with static shifts; the scale is applied once
+  per scale block on a partial sum.
+* ``_lut_gemm_kernel`` (M > 4): dequantises a ``[BN, J*C]`` tile (``lut[code] * scale``
+  in the activation dtype) and feeds ``tl.dot`` against the matching ``[BM, J*C]`` tile
+  of x; for J > 1 the sub-slot tiles of W and x are interleaved with the same
+  ``tl.join``/``tl.reshape`` so that their k orders agree.
+
+On CPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1``; without
+it (or without Triton) :func:`lut_linear` falls back to the torch reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import os
+
+import torch
+
+from .reference import dequantize_reference, lut_linear_reference
+
+try:  # Triton is optional
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "PackedLutWeight",
+    "pack_lut_weight",
+    "unpack_lut_weight",
+    "dequantize_packed",
+    "lut_linear",
+    "GEMV_MAX_M",
+]
+
+#: Sub-slot width C (codes per contiguous k-run, words per chunk); group = 32 * C codes.
+SUB_K = 16
+#: Largest batch (rows of x) served by the CUDA-core GEMV kernel.
+GEMV_MAX_M = 4
+
+_PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedLutWeight:
+    """Kernel-ready form of a LUT-quantised ``[N, K]`` weight (layout: module docstring).
+
+    ``scales`` has shape ``[N, ceil(K / scale_block)]``; ``scale_block`` equals
+    ``block_size`` except for a block size that is not a power of two (other than
+    per-channel), whose scales are repeated to the largest power of two dividing it.
+    """
+
+    qweight: torch.Tensor  # int32 [N, n_groups * bits * sub_k]
+    lut: torch.Tensor  # float32 [2**bits]
+    scales: torch.Tensor  # bf16 / fp16 / fp32 [N, ceil(K / scale_block)]
+    out_features: int
+    in_features: int
+    bits: int
+    block_size: int
+    scale_block: int
+    sub_k: int = SUB_K
+
+    @property
+    def group_size(self) -> int:
+        return 32 * self.sub_k
+
+    @property
+    def n_groups(self) -> int:
+        return _cdiv(self.in_features, self.group_size)
+
+    @property
+    def planes(self) -> tuple[int, ...]:
+        return _PLANES[self.bits]
+
+    @property
+    def n_scale_blocks(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels read from memory for the weight (codes + scales + lut)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.lut, self.scales))
+
+    def to(self, device) -> PackedLutWeight:
+        return dataclasses.replace(
+            self,
+            qweight=self.qweight.to(device),
+            lut=self.lut.to(device),
+            scales=self.scales.to(device),
+        )
+
+
+def _pick_scale_dtype(scales: torch.Tensor, scale_dtype) -> torch.dtype:
+    if scale_dtype is None or scale_dtype == "auto":
+        for dt in (torch.bfloat16, torch.float16):
+            if torch.equal(scales.to(dt).to(torch.float32), scales):
+                return dt
+        return torch.float32
+    if scale_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"scale_dtype must be 'auto', bf16, fp16 or fp32, got {scale_dtype!r}")
+    return scale_dtype
+
+
+def pack_lut_weight(
+    codes: torch.Tensor,
+    lut: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block_size: int,
+    device=None,
+    *,
+    scale_dtype="auto",
+) -> PackedLutWeight:
+    """Repack ``(codes, lut, scales)`` into the kernel layout (see the module docstring).
+
+    ``scale_dtype='auto'`` stores the scales in bf16 (or fp16) when that is lossless and in
+    float32 otherwise, so that :func:`unpack_lut_weight` is an exact inverse; passing
+    ``torch.bfloat16`` rounds them (faster: fewer bytes per weight).
+    """
+    if bits not in _PLANES:
+        raise ValueError(f"bits must be one of {sorted(_PLANES)}, got {bits}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    n, k = codes.shape
+    if n == 0 or k == 0:
+        raise ValueError("empty weight")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    n_blocks = _cdiv(k, block_size)
+    if tuple(scales.shape) != (n, n_blocks):
+        raise ValueError(
+            f"scales must have shape [N, ceil(K / block_size)] = {[n, n_blocks]}, "
+            f"got {list(scales.shape)}"
+        )
+    if lut.numel() != 2**bits:
+        raise ValueError(f"lut must have 2**bits = {2**bits} entries, got {lut.numel()}")
+    device = torch.device(device) if device is not None else codes.device
+    c = SUB_K
+    group = 32 * c
+
+    # Scale granularity the kernels see (a power of two >= C, or one block per row).
+    scales32 = scales.detach().to(torch.float32)
+    scale_block = block_size
+    if n_blocks > 1 and block_size & (block_size - 1):
+        scale_block = block_size & -block_size
+        if scale_block < c:
+            raise ValueError(
+                f"block_size {block_size} unsupported: needs a power-of-two factor >= {c}"
+            )
+        rep = block_size // scale_block
+        scales32 = scales32.repeat_interleave(rep, dim=1)[:, : _cdiv(k, scale_block)]
+    elif n_blocks > 1 and block_size < c:
+        raise ValueError(f"block_size must be >= {c} (or K), got {block_size}")
+    sdt = _pick_scale_dtype(scales32, scale_dtype)
+
+    codes64 = codes.detach().to("cpu", torch.int64)
+    if codes64.min() < 0 or codes64.max() >= 2**bits:
+        raise ValueError(f"codes must lie in [0, 2**bits) = [0, {2**bits})")
+    n_groups = _cdiv(k, group)
+    kp = n_groups * group
+    if kp != k:
+        codes64 = torch.nn.functional.pad(codes64, (0, kp - k))
+    sub = codes64.view(n, n_groups, 32, c)  # [n, g, s, t]
+    words = []
+    lo = 0
+    for b in _PLANES[bits]:
+        slots = 32 // b
+        plane = ((sub >> lo) & ((1 << b) - 1)).view(n, n_groups, b, slots, c)  # s = q*slots + j
+        shifts = (torch.arange(slots, dtype=torch.int64) * b).view(1, 1, 1, slots, 1)
+        w = (plane << shifts).sum(dim=3)  # disjoint bit fields: sum == or; [n, g, b, c]
+        words.append(w)
+        lo += b
+    w = torch.cat(words, dim=2).reshape(n, n_groups * bits * c)
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)  # reinterpret as int32
+    return PackedLutWeight(
+        qweight=w.contiguous().to(device),
+        lut=lut.detach().to(device=device, dtype=torch.float32).contiguous(),
+        scales=scales32.to(sdt).contiguous().to(device),
+        out_features=n,
+        in_features=k,
+        bits=bits,
+        block_size=block_size,
+        scale_block=scale_block,
+        sub_k=c,
+    )
+
+
+def unpack_lut_weight(p: PackedLutWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact inverse of :func:`pack_lut_weight`: ``(codes uint8, lut fp32, scales fp32)``."""
+    n, k, c = p.out_features, p.in_features, p.sub_k
+    n_groups = p.n_groups
+    w = p.qweight.detach().to("cpu", torch.int64) & 0xFFFFFFFF
+    w = w.view(n, n_groups, p.bits, c)
+    codes = torch.zeros(n, n_groups, 32, c, dtype=torch.int64)
+    q0 = 0
+    lo = 0
+    for b in p.planes:
+        slots = 32 // b
+        chunk = w[:, :, q0 : q0 + b, :].unsqueeze(3)  # [n, g, b, 1, c]
+        shifts = (torch.arange(slots, dtype=torch.int64) * b).view(1, 1, 1, slots, 1)
+        plane = (chunk >> shifts) & ((1 << b) - 1)  # [n, g, b, slots, c]
+        codes |= plane.reshape(n, n_groups, 32, c) << lo
+        q0 += b
+        lo += b
+    codes = codes.reshape(n, n_groups * 32 * c)[:, :k].to(torch.uint8)
+    scales = p.scales.detach().to("cpu", torch.float32)
+    if p.scale_block != p.block_size:
+        rep = p.block_size // p.scale_block
+        scales = scales[:, ::rep]
+    scales = scales[:, : _cdiv(k, p.block_size)].contiguous()
+    return codes, p.lut.detach().to("cpu", torch.float32), scales
+
+
+def dequantize_packed(p: PackedLutWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[N, K]`` weight of a packed layer (torch; used by the fallback path)."""
+    codes, lut, scales = unpack_lut_weight(p)
+    return dequantize_reference(codes, lut, scales, p.block_size, dtype=dtype).to(p.device)
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels (plain functions, jitted lazily so that the interpreter/compiled choice
+# follows TRITON_INTERPRET at call time rather than at import time)
+# --------------------------------------------------------------------------------------
+
+
+def _lut_gemv_kernel(
+    x_ptr, w_ptr, lut_ptr, s_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, ldw, lds, n_groups, n_split,
+    BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
+    MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
+    SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    BITS: tl.constexpr = BITS_A + BITS_B
+    G: tl.constexpr = 32 * C
+    SUBS: tl.constexpr = BSG // C  # sub-slots per scale block (within a group)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    gps = tl.cdiv(n_groups, n_split)
+    g_lo = pid_k * gps
+    g_hi = tl.minimum(g_lo + gps, n_groups)
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    offs_c = tl.arange(0, C)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * ldw + offs_c[None, :]
+    s_rows = s_ptr + offs_n.to(tl.int64) * lds
+
+    if BM == 1:
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+        acc = tl.zeros([BN, C], dtype=tl.float32)
+        for g in range(g_lo, g_hi):
+            wg = w_rows + g * (BITS * C)
+            k0 = g * G
+            for s in tl.static_range(32):
+                if s % SLOTS_A == 0:
+                    wa = tl.load(wg + (s // SLOTS_A) * C, mask=n_mask[:, None], other=0)
+                code = (wa >> ((s % SLOTS_A) * BITS_A)) & MASK_A
+                if BITS_B > 0:
+                    if s % SLOTS_B == 0:
+                        wb = tl.load(
+                            wg + (BITS_A + s // SLOTS_B) * C, mask=n_mask[:, None], other=0
+                        )
+                    code = code | (((wb >> ((s % SLOTS_B) * BITS_B)) & MASK_B) << BITS_A)
+                v = tl.load(lut_ptr + code)
+                kk = k0 + s * C + offs_c
+                if EVEN_K:
+                    xv = tl.load(x_row + kk).to(tl.float32)
+                else:
+                    xv = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if s % SUBS == 0:
+                    blk = v * xv[None, :]
+                else:
+                    blk += v * xv[None, :]
+                if s % SUBS == SUBS - 1:
+                    ks = k0 + (s + 1 - SUBS) * C
+                    if EVEN_K:
+                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask, other=0.0)
+                    else:
+                        ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
+                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask & ks_ok, other=0.0)
+                    acc += blk * sc.to(tl.float32)[:, None]
+        y = tl.sum(acc, axis=1)
+        out = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
+        if ATOMIC:
+            tl.atomic_add(out, y, mask=n_mask)
+        else:
+            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        m_mask = offs_m < M
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        acc3 = tl.zeros([BM, BN, C], dtype=tl.float32)
+        for g in range(g_lo, g_hi):
+            wg = w_rows + g * (BITS * C)
+            k0 = g * G
+            for s in tl.static_range(32):
+                if s % SLOTS_A == 0:
+                    wa = tl.load(wg + (s // SLOTS_A) * C, mask=n_mask[:, None], other=0)
+                code = (wa >> ((s % SLOTS_A) * BITS_A)) & MASK_A
+                if BITS_B > 0:
+                    if s % SLOTS_B == 0:
+                        wb = tl.load(
+                            wg + (BITS_A + s // SLOTS_B) * C, mask=n_mask[:, None], other=0
+                        )
+                    code = code | (((wb >> ((s % SLOTS_B) * BITS_B)) & MASK_B) << BITS_A)
+                v = tl.load(lut_ptr + code)
+                kk = k0 + s * C + offs_c
+                if EVEN_K:
+                    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
+                else:
+                    xv = tl.load(
+                        x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
+                    )
+                prod = v[None, :, :] * xv.to(tl.float32)[:, None, :]
+                if s % SUBS == 0:
+                    blk3 = prod
+                else:
+                    blk3 += prod
+                if s % SUBS == SUBS - 1:
+                    ks = k0 + (s + 1 - SUBS) * C
+                    if EVEN_K:
+                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask, other=0.0)
+                    else:
+                        ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
+                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask & ks_ok, other=0.0)
+                    acc3 += blk3 * sc.to(tl.float32)[None, :, None]
+        y2 = tl.sum(acc3, axis=2)
+        out2 = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        omask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out2, y2, mask=omask)
+        else:
+            tl.store(out2, y2.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+def _lut_gemm_kernel(
+    x_ptr, w_ptr, lut_ptr, s_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, ldw, lds, n_groups, n_split, M_KEY,
+    BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
+    MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
+    SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
+):  # fmt: skip
+    BITS: tl.constexpr = BITS_A + BITS_B
+    G: tl.constexpr = 32 * C
+    SPG: tl.constexpr = 32 // J  # steps per group
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m  # M tiles of one N tile run together: W is read from HBM once
+    pid_n = pid // num_m
+    n_steps = n_groups * SPG
+    sps = tl.cdiv(n_steps, n_split)
+    st_lo = pid_k * sps
+    st_hi = tl.minimum(st_lo + sps, n_steps)
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_c = tl.arange(0, C)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_c[None, :]
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * ldw + offs_c[None, :]
+    s_rows = s_ptr + offs_n.to(tl.int64) * lds
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for step in range(st_lo, st_hi):
+        g = step // SPG
+        s0 = (step % SPG) * J
+        k0 = step * (J * C)
+        wg = w_rows + g * (BITS * C)
+        ja = s0 % SLOTS_A
+        wa = tl.load(wg + (s0 // SLOTS_A) * C, mask=n_mask[:, None], other=0)
+        if BITS_B > 0:
+            jb = s0 % SLOTS_B
+            wb = tl.load(wg + (BITS_A + s0 // SLOTS_B) * C, mask=n_mask[:, None], other=0)
+        for i in tl.static_range(J):
+            code = (wa >> ((ja + i) * BITS_A)) & MASK_A
+            if BITS_B > 0:
+                code = code | (((wb >> ((jb + i) * BITS_B)) & MASK_B) << BITS_A)
+            if (i * C) % BSG == 0:
+                ks = k0 + i * C
+                if EVEN_K:
+                    sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask, other=0.0)
+                else:
+                    ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
+                    sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask & ks_ok, other=0.0)
+                sc = sc.to(tl.float32)
+            v = (tl.load(lut_ptr + code) * sc[:, None]).to(x_ptr.dtype.element_ty)
+            if EVEN_K:
+                xi = tl.load(x_rows + (k0 + i * C), mask=m_mask[:, None], other=0.0)
+            else:
+                kk = k0 + i * C + offs_c
+                xi = tl.load(
+                    x_rows + (k0 + i * C), mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
+                )
+            if UPCAST:  # interpreter: its tl.dot mishandles bf16 (exact upcast, same sums)
+                v = v.to(tl.float32)
+                xi = xi.to(tl.float32)
+            if J == 1:
+                if DOT_IEEE:
+                    acc = tl.dot(xi, tl.trans(v), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xi, tl.trans(v), acc)
+            else:
+                if i % 2 == 0:
+                    v_prev = v
+                    x_prev = xi
+                else:
+                    v2 = tl.reshape(tl.join(v_prev, v), [BN, 2 * C])
+                    x2 = tl.reshape(tl.join(x_prev, xi), [BM, 2 * C])
+                    if J == 2:
+                        if DOT_IEEE:
+                            acc = tl.dot(x2, tl.trans(v2), acc, input_precision="ieee")
+                        else:
+                            acc = tl.dot(x2, tl.trans(v2), acc)
+                    else:
+                        if i % 4 == 1:
+                            v2_prev = v2
+                            x2_prev = x2
+                        else:
+                            v4 = tl.reshape(tl.join(v2_prev, v2), [BN, 4 * C])
+                            x4 = tl.reshape(tl.join(x2_prev, x2), [BM, 4 * C])
+                            if DOT_IEEE:
+                                acc = tl.dot(x4, tl.trans(v4), acc, input_precision="ieee")
+                            else:
+                                acc = tl.dot(x4, tl.trans(v4), acc)
+    out = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    omask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=omask)
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+# --------------------------------------------------------------------------------------
+# Configs, autotuning and launch
+# --------------------------------------------------------------------------------------
+
+_GEMV_KEY = ["N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT", "ATOMIC", "BM"]
+_GEMM_KEY = ["M_KEY", "N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT", "ATOMIC"]
+
+
+def _gemv_configs():
+    return [
+        triton.Config({"BN": bn}, num_warps=w, num_stages=1)
+        for bn, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))
+    ]
+
+
+def _gemm_configs():
+    cfg = []
+    # decode-sized batches: BM = 16
+    for bn, j, w in ((32, 2, 4), (64, 2, 4), (64, 4, 4), (128, 4, 4), (64, 1, 4)):
+        cfg.append(triton.Config({"BM": 16, "BN": bn, "J": j}, num_warps=w, num_stages=2))
+    # medium and large batches
+    for bm, bn, j, w, st in (
+        (32, 64, 4, 4, 2),
+        (64, 64, 4, 4, 2),
+        (64, 128, 4, 4, 2),
+        (64, 128, 4, 8, 3),
+        (128, 64, 4, 4, 2),
+        (128, 128, 4, 8, 2),
+        (128, 128, 4, 8, 3),
+        (128, 256, 4, 8, 2),
+    ):
+        cfg.append(triton.Config({"BM": bm, "BN": bn, "J": j}, num_warps=w, num_stages=st))
+    return cfg
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    m = named_args["M_KEY"] if "M_KEY" in named_args else kwargs.get("M_KEY", 16)
+    if m <= 16:
+        keep = [c for c in configs if c.kwargs["BM"] == 16]
+    elif m <= 64:
+        keep = [c for c in configs if c.kwargs["BM"] in (32, 64) and c.kwargs["BN"] <= 128]
+    else:
+        keep = [c for c in configs if c.kwargs["BM"] >= 64]
+    return keep or configs[:1]
+
+
+def _bench_fn():
+    def bench(fn, quantiles=None):
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    return bench
+
+
+def _autotune(fn, configs, key, prune=None, reset=None):
+    params = inspect.signature(triton.autotune).parameters
+    kw = {}
+    if prune is not None:
+        kw["prune_configs_by"] = {"early_config_prune": prune}
+    if reset is not None:
+        kw["reset_to_zero"] = reset
+    if "do_bench" in params:
+        kw["do_bench"] = _bench_fn()
+    else:  # older Triton
+        kw["warmup"], kw["rep"] = 5, 25
+    return triton.autotune(configs=configs, key=key, **kw)(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """(gemv, gemm, tuned) kernel objects for the interpreter or the compiler."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(_lut_gemv_kernel), InterpretedFunction(_lut_gemm_kernel), False
+    gemv = triton.jit(_lut_gemv_kernel)
+    gemm = triton.jit(_lut_gemm_kernel)
+    if os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"):
+        return gemv, gemm, False
+    gemv = _autotune(gemv, _gemv_configs(), _GEMV_KEY, reset=["y_ptr"])
+    gemm = _autotune(gemm, _gemm_configs(), _GEMM_KEY, prune=_prune_gemm, reset=["y_ptr"])
+    return gemv, gemm, True
+
+
+# Config used when not autotuning (interpreter, or HF_OPTQUANT_NO_AUTOTUNE=1).
+_GEMV_DEFAULT = {"BN": 16, "num_warps": 4}
+_GEMM_DEFAULT_SMALL = {"BM": 16, "BN": 64, "J": 2, "num_warps": 4}
+_GEMM_DEFAULT_LARGE = {"BM": 64, "BN": 64, "J": 4, "num_warps": 4}
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _choose_split(m_tiles: int, n: int, n_units: int, bn_est: int, device: torch.device) -> int:
+    """Split K when the (M, N) tiles alone would leave SMs idle (decode-sized batches)."""
+    if device.type != "cuda":
+        return 1
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    tiles = m_tiles * _cdiv(n, bn_est)
+    want = 4 * sms
+    if tiles >= want:
+        return 1
+    return max(1, min(n_units, _cdiv(want, tiles), 16))
+
+
+def _kernel_meta(p: PackedLutWeight, k: int) -> dict:
+    planes = p.planes
+    ba = planes[0]
+    bb = planes[1] if len(planes) > 1 else 0
+    g = p.group_size
+    if p.n_scale_blocks == 1:
+        shift, bsg = 31, g
+    else:
+        shift, bsg = int(math.log2(p.scale_block)), min(p.scale_block, g)
+    return dict(
+        BITS_A=ba,
+        BITS_B=bb,
+        SLOTS_A=32 // ba,
+        SLOTS_B=32 // bb if bb else 1,
+        MASK_A=(1 << ba) - 1,
+        MASK_B=(1 << bb) - 1 if bb else 0,
+        C=p.sub_k,
+        SCALE_SHIFT=shift,
+        BSG=bsg,
+        EVEN_K=(k % g == 0),
+    )
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if not HAS_TRITON:
+        return False
+    if x.is_cuda:
+        return True
+    return _interpret_mode()
+
+
+def lut_linear(
+    x: torch.Tensor,
+    packed: PackedLutWeight,
+    *,
+    path: str | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """``y = x @ W.T`` for a packed LUT weight; ``x`` is ``[..., K]`` in bf16/fp16/fp32.
+
+    ``path`` forces ``"gemv"`` (CUDA-core kernel; any M, tiles of <= 4 rows), ``"gemm"``
+    (``tl.dot`` kernel) or ``"torch"`` (dequantise + matmul); by default M <= GEMV_MAX_M
+    uses the GEMV kernel and larger M the GEMM kernel.  ``split_k`` overrides the
+    split-K heuristic (number of K slices reduced with fp32 atomics).
+    """
+    k, n = packed.in_features, packed.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
+    lead = x.shape[:-1]
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    if path == "torch" or not _use_triton(x2):
+        w = dequantize_packed(packed).to(x2.device)
+        y = (x2.to(torch.float32) @ w.T).to(x.dtype)
+        return y.reshape(*lead, n)
+    if packed.device != x2.device:
+        raise ValueError(f"packed weight is on {packed.device}, x on {x2.device}")
+
+    interpret = not x2.is_cuda or _interpret_mode()
+    gemv, gemm, tuned = _kernels(interpret)
+    meta = _kernel_meta(packed, k)
+    if path is None:
+        path = "gemv" if m <= GEMV_MAX_M else "gemm"
+    if path not in ("gemv", "gemm"):
+        raise ValueError(f"path must be 'gemv', 'gemm', 'torch' or None, got {path!r}")
+    n_groups = packed.n_groups
+    ldw = packed.qweight.stride(0)
+    lds = packed.scales.stride(0)
+
+    if path == "gemv":
+        bm = 1 if m == 1 else (2 if m == 2 else 4)
+        m_tiles = _cdiv(m, bm)
+        split = split_k or _choose_split(m_tiles, n, n_groups, 32, x2.device)
+        split = max(1, min(split, n_groups))
+    else:
+        bm_est = 16 if m <= 16 else 64
+        m_tiles = _cdiv(m, bm_est)
+        split = split_k or _choose_split(m_tiles, n, n_groups, 64, x2.device)
+        split = max(1, min(split, n_groups * 8))  # >= 1 step per split for any J <= 4
+    atomic = split > 1
+    if atomic:
+        y = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+
+    common = (x2, packed.qweight, packed.lut, packed.scales, y, m, n, k, x2.stride(0), y.stride(0))
+    if path == "gemv":
+        args = (*common, ldw, lds, n_groups, split)
+        cfg = {} if tuned else dict(_GEMV_DEFAULT)
+
+        def grid(meta_):
+            return (_cdiv(n, meta_["BN"]), m_tiles, split)
+
+        gemv[grid](*args, **meta, ATOMIC=atomic, BM=bm, **cfg)
+    else:
+        mkey = min(256, 1 << max(0, (m - 1).bit_length()))
+        cfg = (
+            {}
+            if tuned
+            else dict(_GEMM_DEFAULT_SMALL if m <= 16 else _GEMM_DEFAULT_LARGE)
+        )
+
+        def grid(meta_):
+            return (_cdiv(m, meta_["BM"]) * _cdiv(n, meta_["BN"]), split)
+
+        args = (*common, ldw, lds, n_groups, split, mkey)
+        upcast = interpret and x2.dtype == torch.bfloat16
+        gemm[grid](
+            *args, **meta, ATOMIC=atomic, DOT_IEEE=x2.dtype == torch.float32 or upcast,
+            UPCAST=upcast, **cfg,
+        )  # fmt: skip
+    if atomic and y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.reshape(*lead, n)

@@ -1,0 +1,30 @@
+"""Small helpers for walking transformers models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["conv1d_to_linear", "set_submodule"]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace transformers' ``Conv1D`` (GPT-2 family, weight stored [in, out]) by the
+    equivalent ``nn.Linear`` (weight [out, in]) so every projection is an nn.Linear.
+    Returns how many were replaced."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    for name, conv in targets:
+        in_features, out_features = conv.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        set_submodule(model, name, linear)
+    return len(targets)
