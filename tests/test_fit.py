@@ -66,7 +66,7 @@ def test_cube_root_df_search_prefers_heavy_tails_on_heavy_tailed_data():
 
 def test_weighted_fit_lowers_weighted_error():
     w = _sample((64, 256))
-    weight = torch.rand_like(w) ** 6 * 100
+    weight = (w > 0).float() * 20 + 0.05  # the error on positive weights matters most
     unweighted = fit_format(w, "lloyd_max", 3.2)
     weighted = fit_format(w, "lloyd_max", 3.2, weight=weight)
     assert relative_error(w, weighted.format.quantise(w, weight), weight) < relative_error(

