@@ -38,11 +38,23 @@ DISTS = {
 }
 
 
+def symbol_counts(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dense index per symbol, count per distinct value), independent of the module's code."""
+    lo, hi = int(q.min()), int(q.max())
+    if hi - lo < 1 << 24:
+        counts = np.bincount(q - lo)
+        rank = np.cumsum(counts > 0) - 1
+        return rank[q - lo], counts[counts > 0]
+    _, inverse, counts = np.unique(q, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
 def entropy_bits(q: np.ndarray) -> float:
-    """Empirical entropy in bits/symbol (np.unique: independent of the module's counting)."""
-    _, counts = np.unique(q, return_counts=True)
-    p = counts / q.size
-    return float(-(p * np.log2(p)).sum())
+    """Empirical entropy in bits/symbol."""
+    if q.size == 0:
+        return 0.0
+    p = symbol_counts(q)[1] / q.size
+    return float(-(p * np.log2(p)).sum()) + 0.0
 
 
 def delta_for_entropy(x: np.ndarray, target: float) -> float:
@@ -62,7 +74,7 @@ def constriction_bits(q: np.ndarray) -> int:
     """Compressed payload bits from constriction's AnsCoder with the empirical model."""
     import constriction
 
-    _, inverse, counts = np.unique(q, return_inverse=True, return_counts=True)
+    inverse, counts = symbol_counts(q)
     model = constriction.stream.model.Categorical(counts / q.size, perfect=False)
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(inverse.astype(np.int32), model)
@@ -75,7 +87,7 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def rate_table(sizes: list[tuple[int, int]], entropies: list[float], seed: int) -> None:
+def rate_table(sizes: list[tuple[int, int]], entropies: list[float], seed: int) -> dict:
     print("\n## Stored size vs empirical entropy (default chunk_size = "
           f"{DEFAULT_CHUNK_SIZE})\n")
     print("Overheads in bits/symbol over the empirical entropy H. rANS = this module, all "
@@ -85,7 +97,7 @@ def rate_table(sizes: list[tuple[int, int]], entropies: list[float], seed: int) 
           "| estimate err | encode Msym/s | decode Msym/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(seed)
-    worst = 0.0
+    stats: dict[str, list[float]] = {"rans": [], "huffman": [], "enc": [], "dec": [], "est": []}
     for rows, cols in sizes:
         n = rows * cols
         for name, gen in DISTS.items():
@@ -99,19 +111,27 @@ def rate_table(sizes: list[tuple[int, int]], entropies: list[float], seed: int) 
                 assert torch.equal(out, sym.reshape(-1)), "round trip failed"
                 est = estimate_bits(sym)
                 over = stream.nbits / n - h
-                worst = max(worst, over)
+                huff = huffman_stored_bits(q, DEFAULT_CHUNK_SIZE) / n - h
+                for key, val in (("rans", over), ("huffman", huff), ("enc", n / t_enc),
+                                 ("dec", n / t_dec), ("est", abs(est / stream.nbits - 1))):
+                    stats[key].append(val)
                 print(f"| {rows}x{cols} | {name} | {h:.3f} | {stream.nbits / n:.4f} | {over:.4f} "
-                      f"| {huffman_stored_bits(q, DEFAULT_CHUNK_SIZE) / n - h:.4f} "
+                      f"| {huff:.4f} "
                       f"| {constriction_bits(q) / n - h:.5f} "
                       f"| {100 * (est - stream.nbits) / stream.nbits:+.3f}% "
                       f"| {n / t_enc / 1e6:.1f} | {n / t_dec / 1e6:.1f} |", flush=True)
-    print(f"\nWorst rANS overhead: {worst:.4f} b/sym (target <= 0.02).")
+    r, hf = stats["rans"], stats["huffman"]
+    print(f"\nrANS overhead {min(r):.4f}..{max(r):.4f} b/sym (target <= 0.02); Huffman-12 "
+          f"{min(hf):.4f}..{max(hf):.4f}; estimate_bits max |error| "
+          f"{100 * max(stats['est']):.3f}%; "
+          f"encode {min(stats['enc']) / 1e6:.1f}..{max(stats['enc']) / 1e6:.1f} Msym/s, "
+          f"decode {min(stats['dec']) / 1e6:.1f}..{max(stats['dec']) / 1e6:.1f} Msym/s.")
+    return stats
 
 
-def breakdown(q: np.ndarray, chunk_size: int) -> dict[str, float]:
-    """Where the overhead goes, in bits/symbol."""
+def breakdown(q: np.ndarray, stream) -> dict[str, float]:
+    """Where the overhead of ``stream`` (the coded ``q``) goes, in bits/symbol."""
     n = q.size
-    stream = encode_symbols(torch.from_numpy(q), chunk_size=chunk_size)
     table = build_code_table(q)
     h = entropy_bits(q)
     parts = {
@@ -140,7 +160,7 @@ def chunk_sweep(seed: int, rows: int, cols: int) -> None:
         for chunk in (512, 1024, 2048, 4096, 8192):
             stream = encode_symbols(torch.from_numpy(q), chunk_size=chunk)
             _, t_dec = timed(decode_symbols, stream)
-            b = breakdown(q, chunk)
+            b = breakdown(q, stream)
             print(f"| {name}, {entropy_bits(q):.2f} | {chunk} | {stream.num_chunks} "
                   f"| {b['total']:.4f} | {b['chunk sizes']:.4f} "
                   f"| {b['state flush + rANS precision']:.4f} | {b['12-bit freqs + escapes']:.4f} "
@@ -193,9 +213,20 @@ def main() -> None:
           f"{rans_loss_per_symbol(2.0):.4f} b/sym at 2 bits, {rans_loss_per_symbol(6.0):.4f} at 6")
     t0 = time.perf_counter()
     sizes = [(1024, 1024)] if args.quick else [(1024, 1024), (4096, 4096)]
-    rate_table(sizes, [2.0, 3.0, 4.0, 5.0, 6.0], args.seed)
+    stats = rate_table(sizes, [2.0, 3.0, 4.0, 5.0, 6.0], args.seed)
     chunk_sweep(args.seed + 1, *((1024, 1024) if args.quick else (4096, 4096)))
     edge_cases(args.seed + 2)
+    print("\n## Decision\n")
+    print(f"* Code: interleaving-free rANS per chunk. A 12-bit length-limited Huffman code of the "
+          f"same alphabet pays {min(stats['huffman']):.3f}-{max(stats['huffman']):.3f} b/sym over "
+          f"the entropy on this data (prefix-code redundancy, worst at low entropy), above the "
+          f"0.02 target everywhere; rANS pays {min(stats['rans']):.4f}-{max(stats['rans']):.4f} "
+          f"all-in with the same 4096-entry decode table and one sequential lane per chunk.")
+    print(f"* Chunk size {DEFAULT_CHUNK_SIZE}: per-chunk cost is ~32 bits (16-bit size + ~16 "
+          f"bits state flush and precision loss), i.e. ~{32 / DEFAULT_CHUNK_SIZE:.4f} b/sym; "
+          f"2048 is still under 0.02 on 1M+ tensors but with little margin, 1024 is not. "
+          f"A 4096x4096 tensor gives 4096 independent lanes; callers wanting more GPU "
+          f"parallelism can pass chunk_size=2048 (stored in the header).")
     print(f"\nTotal benchmark time: {time.perf_counter() - t0:.0f} s")
 
 

@@ -132,7 +132,8 @@ def structural_mutation(draw, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     if op == "drop":
         del out[name]
     elif op == "add":
-        out[draw(st.sampled_from(["extra", "crc", name.upper()]))] = torch.zeros(2, dtype=torch.int16)
+        extra = draw(st.sampled_from(["extra", "crc", name.upper()]))
+        out[extra] = torch.zeros(2, dtype=torch.int16)
     elif op == "swap":
         other = draw(st.sampled_from(NAMES))
         out[name], out[other] = out[other], out[name]

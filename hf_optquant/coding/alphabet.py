@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import INT64_MAX, INT64_MIN, MAX_BUCKETS
+from .layout import INT64_MAX, INT64_MIN
 
 
 def bit_length_u64(e: np.ndarray) -> np.ndarray:
@@ -108,8 +108,8 @@ def map_values(values: np.ndarray, alphabet: Alphabet) -> MappedSymbols:
     limit = np.where(above, alphabet.num_hi_buckets, alphabet.num_lo_buckets)
     if (bits >= limit).any():
         raise ValueError("value outside the alphabet's escape buckets")
-    first_bucket = np.where(above, alphabet.num_direct, alphabet.num_direct + alphabet.num_hi_buckets)
-    index[pos] = first_bucket + bits
+    first_hi, first_lo = alphabet.num_direct, alphabet.num_direct + alphabet.num_hi_buckets
+    index[pos] = np.where(above, first_hi, first_lo) + bits
     return MappedSymbols(index, pos, e ^ _pow2(bits), bits)
 
 
@@ -127,7 +127,8 @@ def unmap_escapes(
     """
     index = np.asarray(index, dtype=np.int64)
     is_hi = index < alphabet.num_direct + alphabet.num_hi_buckets
-    b = np.where(is_hi, index - alphabet.num_direct, index - alphabet.num_direct - alphabet.num_hi_buckets)
+    first_hi, first_lo = alphabet.num_direct, alphabet.num_direct + alphabet.num_hi_buckets
+    b = np.where(is_hi, index - first_hi, index - first_lo)
     e = _pow2(b) | np.asarray(raw, dtype=np.uint64)
     room_hi = np.uint64(max(0, INT64_MAX - alphabet.hi))
     room_lo = np.uint64(max(0, alphabet.lo - INT64_MIN))
@@ -136,13 +137,3 @@ def unmap_escapes(
     anchor_lo = np.uint64(alphabet.lo % (1 << 64))
     vals = np.where(is_hi, anchor_hi + e, anchor_lo - e).view(np.int64)
     return vals, ok
-
-
-def max_buckets_needed(distances: np.ndarray) -> int:
-    """Number of buckets needed to hold all given distances (0 if none)."""
-    if distances.size == 0:
-        return 0
-    return int(bit_length_u64(distances).max())
-
-
-assert MAX_BUCKETS == 64

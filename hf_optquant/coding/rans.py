@@ -133,9 +133,10 @@ def _encode_step(
 
 
 def _digit_params(bits_left: np.ndarray, raw: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-    """Frequency, start and value of raw digit ``k`` for symbols with ``bits_left`` raw bits."""
+    """Frequency and start of raw digit ``k`` (``w <= 12`` bits) as a uniform rANS symbol."""
     w = np.minimum(DIGIT_BITS, bits_left - DIGIT_BITS * k)
-    digit = ((raw >> np.uint64(DIGIT_BITS * k)) & ((np.uint64(1) << w.astype(np.uint64)) - np.uint64(1)))
+    mask = (np.uint64(1) << w.astype(np.uint64)) - np.uint64(1)
+    digit = (raw >> np.uint64(DIGIT_BITS * k)) & mask
     f = np.left_shift(1, PROB_BITS - w)
     return f, digit.astype(np.int64) * f
 

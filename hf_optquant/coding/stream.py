@@ -110,6 +110,7 @@ def encode_symbols(symbols: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZ
         mapped.escape_bits,
         geometry,
     )
+    assert lanes.chunk_words.max(initial=0) <= 0xFFFF  # guaranteed by MAX_CHUNK_SIZE
     freqs = table.freqs.astype(np.uint16)
     chunk_words = lanes.chunk_words.astype(np.uint16)
     header = Header(
@@ -157,7 +158,9 @@ def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
         if t.device.type != "cpu" or not t.is_contiguous():
             raise CorruptStreamError(f"{name!r} must be a contiguous CPU tensor")
     if tensors[HEADER].numel() != HEADER_LEN:
-        raise CorruptStreamError(f"header has {tensors[HEADER].numel()} fields, expected {HEADER_LEN}")
+        raise CorruptStreamError(
+            f"header has {tensors[HEADER].numel()} fields, expected {HEADER_LEN}"
+        )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -200,7 +203,8 @@ def _check_chunks(chunk_words: np.ndarray, h: Header) -> None:
     geometry = LaneGeometry(h.num_symbols, h.chunk_size)
     lens = np.full(h.num_chunks, h.chunk_size, dtype=np.int64)
     lens[-1] = geometry.last_len
-    bad = np.flatnonzero((sizes < STATE_WORDS) | (sizes > STATE_WORDS + MAX_STEPS_PER_SYMBOL * lens))
+    most = STATE_WORDS + MAX_STEPS_PER_SYMBOL * lens
+    bad = np.flatnonzero((sizes < STATE_WORDS) | (sizes > most))
     _require(bad.size == 0, f"chunk {bad[0] if bad.size else -1} has an impossible word count")
     _require(int(sizes.sum()) == h.payload_words,
              f"chunk word counts sum to {int(sizes.sum())}, payload has {h.payload_words}")

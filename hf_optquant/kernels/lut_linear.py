@@ -1,3 +1,4 @@
+# ruff: noqa: SIM102, SIM108  (kernels keep static if/else blocks: clearer in Triton)
 """Triton kernels for ``y = x @ W.T`` with ``W`` in a fixed-length LUT format.
 
 Weight contract (see :mod:`hf_optquant.kernels.reference`)::
@@ -49,7 +50,7 @@ import os
 
 import torch
 
-from .reference import dequantize_reference, lut_linear_reference
+from .reference import dequantize_reference
 
 try:  # Triton is optional
     import triton
@@ -203,8 +204,7 @@ def pack_lut_weight(
     n_blocks = _cdiv(k, block_size)
     if tuple(scales.shape) != (n, n_blocks):
         raise ValueError(
-            f"scales must have shape [N, ceil(K / block_size)] = {[n, n_blocks]}, "
-            f"got {list(scales.shape)}"
+            f"scales must have shape [N, ceil(K / block_size)] = {[n, n_blocks]}, got {list(scales.shape)}"
         )
     if lut.numel() != 2**bits:
         raise ValueError(f"lut must have 2**bits = {2**bits} entries, got {lut.numel()}")
@@ -218,9 +218,7 @@ def pack_lut_weight(
     if n_blocks > 1 and block_size & (block_size - 1):
         scale_block = block_size & -block_size
         if scale_block < c:
-            raise ValueError(
-                f"block_size {block_size} unsupported: needs a power-of-two factor >= {c}"
-            )
+            raise ValueError(f"block_size {block_size} unsupported: needs a power-of-two factor >= {c}")
         rep = block_size // scale_block
         scales32 = scales32.repeat_interleave(rep, dim=1)[:, : _cdiv(k, scale_block)]
     elif n_blocks > 1 and block_size < c:
@@ -366,9 +364,7 @@ def _lut_gemv_kernel(
         for s in tl.static_range(32):
             # ---- codes of sub-slot s (k = k0 + s*C + t) -> lut values v
             if s % SLOTS_A == 0:
-                wa = tl.load(
-                    wg + (s // SLOTS_A) * C, mask=nm2, other=0, eviction_policy="evict_first"
-                )
+                wa = tl.load(wg + (s // SLOTS_A) * C, mask=nm2, other=0, eviction_policy="evict_first")
             if BITS_B > 0:
                 if s % SLOTS_B == 0:
                     wb = tl.load(
@@ -407,9 +403,7 @@ def _lut_gemv_kernel(
                 if EVEN_K:
                     xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
                 else:
-                    xv = tl.load(
-                        x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0
-                    )
+                    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
                 prod = v[None, :, :] * xv.to(tl.float32)[:, None, :]
             if s % SUBS == 0:
                 blk = prod
@@ -575,7 +569,7 @@ _MIN_BM_GEMM, _MIN_BN_GEMM = 16, 32
 def _gemv_configs():
     return [
         triton.Config({"BN": bn}, num_warps=w, num_stages=1)
-        for bn, w in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8))
+        for bn, w in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (256, 8))
     ]
 
 
@@ -593,18 +587,16 @@ def _prune_gemv(configs, named_args, **kwargs):
 def _gemm_configs():
     cfg = []
     # decode-sized batches (M <= 16): BM = 16
-    for bn, j, w in ((32, 2, 4), (64, 2, 4), (64, 4, 4), (128, 4, 4), (64, 1, 4)):
+    for bn, j, w in ((32, 2, 4), (64, 2, 4), (64, 4, 4), (128, 4, 4)):
         cfg.append(triton.Config({"BM": 16, "BN": bn, "J": j}, num_warps=w, num_stages=2))
     # medium (<= 64) and large batches
     for bm, bn, j, w, st in (
         (32, 64, 4, 4, 2),
         (64, 64, 4, 4, 2),
-        (64, 128, 4, 4, 2),
         (64, 128, 4, 8, 3),
         (128, 64, 4, 4, 2),
         (128, 128, 4, 8, 2),
         (128, 128, 4, 8, 3),
-        (128, 256, 4, 8, 2),
     ):
         cfg.append(triton.Config({"BM": bm, "BN": bn, "J": j}, num_warps=w, num_stages=st))
     return cfg
@@ -637,7 +629,7 @@ def _autotune(fn, configs, key, prune=None):
     return triton.autotune(configs=configs, key=key, **kw)(fn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels(interpret: bool):
     """``(gemv, gemm, tuned)``: kernel objects for the interpreter or the compiler."""
     if interpret:

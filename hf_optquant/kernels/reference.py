@@ -34,8 +34,7 @@ def dequantize_reference(
     n_blocks = -(-k // block_size)
     if tuple(scales.shape) != (n, n_blocks):
         raise ValueError(
-            f"scales must have shape [N, ceil(K / block_size)] = {[n, n_blocks]}, "
-            f"got {list(scales.shape)}"
+            f"scales must have shape [N, ceil(K / block_size)] = {[n, n_blocks]}, got {list(scales.shape)}"
         )
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     vals = lut.to(device=codes.device, dtype=compute)[codes.long()]

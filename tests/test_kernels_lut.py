@@ -1,0 +1,213 @@
+"""CPU tests of the LUT-linear Triton kernels (Triton's interpreter) and of the packing.
+
+TRITON_INTERPRET=1 is set before anything imports Triton; the kernels pick interpreter or
+compiler when called (see ``hf_optquant.kernels.lut_linear._kernels``), so the order in
+which test modules import Triton does not matter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_optquant.kernels import (  # noqa: E402
+    HAS_TRITON,
+    PackedLutWeight,
+    dequantize_packed,
+    lut_linear,
+    lut_linear_reference,
+    pack_lut_weight,
+    unpack_lut_weight,
+)
+
+LL = importlib.import_module("hf_optquant.kernels.lut_linear")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+
+ALL_BITS = (2, 3, 4, 5, 6, 8)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_weight(n, k, bits, block, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    lut = torch.sort(torch.randn(2**bits, generator=g)).values  # arbitrary sorted table
+    scales = torch.randn(n, -(-k // block), generator=g)  # about half negative
+    return codes, lut, scales
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all(), "non-finite output (unwritten element?)"
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check(n, k, bits, block, m, dtype, *, path=None, split_k=None, seed=0, x_shape=None):
+    codes, lut, scales = make_weight(n, k, bits, block, seed)
+    p = pack_lut_weight(codes, lut, scales, bits, block)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*(x_shape or (m,)), k, generator=g).to(dtype)
+    y = lut_linear(x, p, path=path, split_k=split_k)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
+    ref64 = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), block)
+    ref = lut_linear_reference(x, codes, lut, scales, block)
+    err64, err = rel_err(y, ref64), rel_err(y, ref)
+    assert err64 < TOL[dtype], (err64, n, k, bits, block, m, dtype, path, split_k)
+    assert err < 2 * TOL[dtype], (err, n, k, bits, block, m, dtype, path, split_k)
+    return err64
+
+
+# ------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits", (1, *ALL_BITS))
+@pytest.mark.parametrize("n,k,block", [(37, 200, 64), (5, 1100, 32), (3, 512, 512), (4, 700, 700), (2, 1, 1)])
+def test_pack_roundtrip(bits, n, k, block):
+    codes, lut, scales = make_weight(n, k, bits, block, seed=bits)
+    p = pack_lut_weight(codes, lut, scales, bits, block)
+    assert isinstance(p, PackedLutWeight)
+    assert p.qweight.dtype == torch.int32
+    assert p.qweight.shape == (n, p.n_groups * bits * p.sub_k)
+    assert p.lut.data_ptr() % (4 * 2**bits) == 0  # aligned to its size (LUT_OR lookups)
+    c2, l2, s2 = unpack_lut_weight(p)
+    assert torch.equal(c2, codes) and c2.dtype == torch.uint8
+    assert torch.equal(l2, lut)
+    assert torch.equal(s2, scales)  # fp32 scales kept exactly ('auto')
+    expect = p.qweight.numel() * 4 + p.lut.numel() * 4 + p.scales.numel() * p.scales.element_size()
+    assert p.nbytes == expect
+    w = dequantize_packed(p)
+    ref = lut[codes.long()] * scales[:, torch.arange(k) // block]
+    assert torch.equal(w, ref)
+
+
+def test_pack_layout_contract():
+    """Pin the documented bit layout: chunk q, word t, field j of plane b holds k=(q*32/b+j)*C+t."""
+    n, k, bits = 2, 1024, 4
+    codes, lut, scales = make_weight(n, k, bits, 64, seed=3)
+    p = pack_lut_weight(codes, lut, scales, bits, 64)
+    c, w = p.sub_k, p.qweight.long() & 0xFFFFFFFF
+    for row, g, q, t, j in [(0, 0, 0, 0, 0), (1, 1, 3, 15, 7), (0, 1, 2, 5, 3), (1, 0, 1, 9, 6)]:
+        word = w[row, g * bits * c + q * c + t].item()
+        kk = g * 32 * c + (q * (32 // bits) + j) * c + t
+        assert (word >> (j * bits)) & 15 == codes[row, kk].item()
+    # 3 bits = 2-bit plane (2 chunks) then 1-bit plane (1 chunk)
+    codes3, lut3, scales3 = make_weight(1, 512, 3, 64, seed=4)
+    p3 = pack_lut_weight(codes3, lut3, scales3, 3, 64)
+    w3 = p3.qweight.long() & 0xFFFFFFFF
+    for kk in (0, 17, 255, 256, 511):
+        s_, t = divmod(kk, c)
+        lo = (w3[0, (s_ // 16) * c + t].item() >> ((s_ % 16) * 2)) & 3
+        hi = (w3[0, 2 * c + t].item() >> s_) & 1
+        assert lo | hi << 2 == codes3[0, kk].item()
+
+
+def test_pack_scale_dtypes_and_blocks():
+    codes, lut, scales = make_weight(8, 300, 4, 96, seed=5)  # non power-of-two block
+    p = pack_lut_weight(codes, lut, scales, 4, 96)
+    assert p.scale_block == 32
+    assert torch.equal(unpack_lut_weight(p)[2], scales)
+    exact = scales.to(torch.bfloat16).float()
+    assert pack_lut_weight(codes, lut, exact, 4, 96).scales.dtype == torch.bfloat16
+    lossy = pack_lut_weight(codes, lut, scales, 4, 96, scale_dtype=torch.bfloat16)
+    assert lossy.scales.dtype == torch.bfloat16 and lossy.nbytes < p.nbytes
+
+
+def test_pack_errors():
+    codes, lut, scales = make_weight(4, 64, 4, 32)
+    with pytest.raises(ValueError):
+        pack_lut_weight(codes, lut, scales, 7, 32)
+    with pytest.raises(ValueError):
+        pack_lut_weight(codes, lut, scales[:, :1], 4, 32)
+    with pytest.raises(ValueError):
+        pack_lut_weight(codes, lut[:8], scales, 4, 32)
+    with pytest.raises(ValueError):
+        pack_lut_weight(codes | 16, lut, scales, 4, 32)
+    with pytest.raises(ValueError):
+        pack_lut_weight(codes, lut, torch.randn(4, 8), 4, 8)  # block < 16 (and < K)
+    p = pack_lut_weight(codes, lut, scales, 4, 32)
+    with pytest.raises(ValueError):
+        lut_linear(torch.randn(2, 63), p)
+    with pytest.raises(TypeError):
+        lut_linear(torch.randn(2, 64).double(), p)
+
+
+# ------------------------------------------------------------------------- kernels
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_every_bits_gemv_and_gemm(bits):
+    check(37, 200, bits, 64, 1, torch.bfloat16)  # GEMV, K and N off every tile
+    check(37, 200, bits, 64, 17, torch.float32, path="gemm")  # tl.dot path, fp32 exact
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
+def test_batches_bf16(m):
+    check(37, 200, 4, 64, m, torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,path", [(1, "gemv"), (2, "gemv"), (3, "gemv"), (5, "gemm")])
+def test_fp32_matches_reference_tightly(m, path):
+    check(29, 700, 4, 128, m, torch.float32, path=path, seed=7)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "m,path,split", [(1, "gemv", 2), (1, "gemv", 3), (3, "gemv", 2), (5, "gemm", 3), (20, "gemm", 7)]
+)
+def test_split_k(m, path, split):
+    # 3 groups of 512 (K padded); the slices reduce through the workspace + counters
+    check(40, 1100, 4, 32, m, torch.float32, path=path, split_k=split, seed=11)
+    check(40, 1100, 3, 128, m, torch.bfloat16, path=path, split_k=split, seed=12)
+
+
+@needs_triton
+@pytest.mark.parametrize("block", [32, 128, 256, 96, "K"])
+def test_block_sizes(block):
+    k = 600
+    bs = k if block == "K" else block
+    check(21, k, 4, bs, 1, torch.float32, seed=13)
+    check(21, k, 4, bs, 18, torch.float32, seed=14)
+
+
+@needs_triton
+def test_fp16_and_leading_dims():
+    check(37, 200, 4, 64, 0, torch.float16, x_shape=(2, 3))
+    check(37, 200, 6, 64, 0, torch.float16, x_shape=(3, 7), path="gemm")
+
+
+@needs_triton
+def test_plain_lookup_and_tile_shapes(monkeypatch):
+    monkeypatch.setattr(LL, "_NO_LUT_OR", True)
+    check(37, 200, 5, 64, 1, torch.float32)
+    monkeypatch.setattr(LL, "_NO_LUT_OR", False)
+    monkeypatch.setattr(LL, "GEMV_DEFAULT", {"BN": 16, "num_warps": 4})
+    monkeypatch.setattr(LL, "GEMM_DEFAULT_SMALL", {"BM": 16, "BN": 32, "J": 1, "num_warps": 4})
+    check(37, 200, 4, 32, 1, torch.float32)  # 3 N tiles
+    check(37, 200, 4, 32, 9, torch.float32)  # J = 1 (K step 16 < block)
+    monkeypatch.setattr(LL, "GEMM_DEFAULT_SMALL", {"BM": 16, "BN": 32, "J": 4, "num_warps": 4})
+    check(37, 200, 8, 32, 9, torch.float32)  # J = 4: two scale blocks per K step
+    monkeypatch.setenv("HF_OPTQUANT_GEMV_KMAJOR", "1")
+    LL._gemv_kmajor.cache_clear()
+    try:
+        check(37, 200, 3, 64, 1, torch.float32)  # the other GEMV tile orientation
+    finally:
+        monkeypatch.delenv("HF_OPTQUANT_GEMV_KMAJOR")
+        LL._gemv_kmajor.cache_clear()
+
+
+def test_torch_fallback_without_interpreter(monkeypatch):
+    codes, lut, scales = make_weight(11, 90, 4, 32, seed=21)
+    p = pack_lut_weight(codes, lut, scales, 4, 32)
+    x = torch.randn(3, 90)
+    ref = lut_linear_reference(x, codes, lut, scales, 32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors, no interpreter: torch path
+    y = lut_linear(x, p)
+    assert rel_err(y, ref) < 1e-6
+    assert rel_err(lut_linear(x, p, path="torch"), ref) < 1e-6
+    assert lut_linear(torch.randn(0, 90), p).shape == (0, 11)
