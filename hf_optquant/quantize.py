@@ -142,18 +142,24 @@ def quantize_model(
     *,
     tokenizer=None,
     calibration: torch.Tensor | None = None,
+    fisher: FisherEstimate | None = None,
     apply: str = "fake",
     progress: bool = True,
 ) -> tuple[dict[str, EncodedTensor], QuantizationReport]:
-    """Quantise ``model``'s linear weights per ``config``; see the module docstring for ``apply``."""
+    """Quantise ``model``'s linear weights per ``config``; see the module docstring for ``apply``.
+
+    ``fisher``: a precomputed estimate to reuse (e.g. across several configs of one model);
+    otherwise it is estimated on ``calibration`` ids or on ``tokenizer``-encoded calibration text.
+    """
     if apply not in ("fake", "modules", "none"):
         raise ValueError(f"quantize_model: apply must be one of ['fake', 'modules', 'none'], got {apply!r}")
     conv1d_to_linear(model)
     params = linear_weights(model, skip=tuple(config.modules_to_not_convert))
     if not params:
         raise ValueError("quantize_model: no nn.Linear weights to quantise (check modules_to_not_convert)")
-    fisher = None
-    if config.needs_fisher:
+    if fisher is not None and config.weighted_fit and fisher.per_element is None:
+        raise ValueError("quantize_model: weighted_fit needs a Fisher estimate with per_element=True")
+    if fisher is None and config.needs_fisher:
         if calibration is None:
             if tokenizer is None:
                 raise ValueError("quantize_model: Fisher allocation needs `tokenizer` or `calibration` token ids")
@@ -166,7 +172,7 @@ def quantize_model(
     for name, w in tqdm(weights.items(), desc=f"fit + encode ({config.format})", disable=not progress):
         element_weight = fisher.per_element[name] if (fisher and fisher.per_element) else None
         fit = _fit(w, config, budgets[name] + 1e-9, element_weight)
-        encoded[name] = fit.format.encode(w, element_weight)
+        encoded[name] = fit.encoded
         reports.append(TensorReport(name, tuple(w.shape), budgets[name], encoded[name].nbits,
                                     encoded[name].bits_per_element, fit.error,
                                     float(w.float().square().mean().sqrt()),

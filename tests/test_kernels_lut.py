@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 
+# Triton reads TRITON_INTERPRET when it builds its own jitted helpers (at import): if some
+# earlier test module imported Triton without it, run this file again in a subprocess.
+_TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -26,7 +31,24 @@ from hf_optquant.kernels import (  # noqa: E402
 )
 
 LL = importlib.import_module("hf_optquant.kernels.lut_linear")
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON or _TRITON_PREIMPORTED,
+    reason="triton not installed" if not HAS_TRITON else "run in a subprocess (see below)",
+)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and _TRITON_PREIMPORTED), reason="interpreter active here")
+def test_kernels_in_fresh_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
 
 ALL_BITS = (2, 3, 4, 5, 6, 8)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -13,7 +13,7 @@ per element, together with its measured error.  What is searched:
 * ``grid``: the step, by bisection in log(step) on the entropy-coded size, then
   corrected on the exact encoded size so the result never exceeds the budget.
 
-Searches run on a seeded subsample of whole rows (at most ``SEARCH_ELEMENTS``) so the
+Searches run on a seeded subsample of whole rows (at least ``SEARCH_ELEMENTS`` values) so the
 cost stays bounded on large tensors; the returned error is measured on the full tensor.
 """
 
@@ -39,11 +39,12 @@ from .scalar import (
 )
 from .sparse import SparseOutliers
 from .spec import check_choice, check_range
-from .tensor import TensorFormat
+from .tensor import EncodedTensor, TensorFormat
 
 __all__ = ["FitResult", "fit_format", "FAMILIES", "DEFAULT_SCALING", "relative_error", "SEARCH_ELEMENTS"]
 
-SEARCH_ELEMENTS = 1 << 18
+SEARCH_ELEMENTS = 1 << 16
+GRID_CODE_MARGIN = 0.01  # bits/symbol kept free for the coder's overhead above the entropy
 STUDENT_T_DFS = (3.0, 4.0, 5.0, 7.0, 10.0, 20.0)
 
 
@@ -53,6 +54,7 @@ class FitResult:
     bits: int  # exact stored bits for this tensor
     bits_per_element: float
     error: float  # (weighted) relative squared error  sum F (w - q)^2 / sum F w^2
+    encoded: EncodedTensor  # the tensor, encoded in the fitted format
 
 
 def relative_error(w: torch.Tensor, q: torch.Tensor, weight: torch.Tensor | None = None) -> float:
@@ -101,6 +103,7 @@ class _Problem:
     def __post_init__(self) -> None:
         self.sample, self.sample_weight = _row_subsample(self.w, self.weight)
         self.numel = self.w.numel()
+        self.encoded: EncodedTensor | None = None  # set by fitters that had to encode anyway
 
     def make(self, element: ElementFormat, multiplier: float | None = None) -> TensorFormat:
         scaling = self.scaling if multiplier is None else self.scaling.replace(multiplier=multiplier)
@@ -207,33 +210,44 @@ def _fit_lloyd_max(p: _Problem) -> TensorFormat:
     return p.make(p.widest(lambda b: LloydMaxElement(b)))
 
 
+def _empirical_entropy(codes: torch.Tensor) -> float:
+    """Bits per symbol of the empirical distribution of integer codes."""
+    counts = torch.bincount((codes - codes.min()).reshape(-1)).double()
+    p = counts[counts > 0] / codes.numel()
+    return float(-(p * p.log2()).sum())
+
+
 @_family("grid")
 def _fit_grid(p: _Problem) -> TensorFormat:
-    from ..coding import estimate_bits
+    """Bisection in log(step) on the sample's index entropy, then exact correction.
 
-    overhead = p.make(GridElement()).replace(element=IntElement(1)).storage_bits(tuple(p.w.shape))
+    The entropy of the indices is a cheap, accurate proxy for the coded size per symbol
+    (the coder stays within a few hundredths of a bit of it); the final step is checked
+    against the real encoded size of the whole tensor and nudged until it fits."""
+    shape = tuple(p.w.shape)
+    overhead = TensorFormat(IntElement(1), p.scaling, p.sparse, p.rotation).storage_bits(shape)
     overhead -= 8 * (-(-p.numel // 8))  # keep scales and outliers, drop the 1-bit codes
-    budget = p.bits * p.numel - overhead
-    if budget <= 0:
+    limit = p.bits * p.numel
+    if limit - overhead <= 0:
         raise ValueError(f"bits={p.bits} leaves nothing for the codes after scales and outliers")
-    sample_numel = p.sample.numel()
+    target = (limit - overhead) / p.numel - GRID_CODE_MARGIN
 
-    def estimated(step: float) -> float:
-        fmt = p.make(GridElement(step))
-        codes = fmt.quantise_parts(p.sample, p.sample_weight).codes
-        return estimate_bits(codes) * p.numel / sample_numel
+    def entropy(step: float) -> float:
+        return _empirical_entropy(p.make(GridElement(step)).quantise_parts(p.sample).codes)
 
-    lo, hi = 1e-6, 1e3  # log-bisection on the step: size falls as the step grows
-    for _ in range(40):
+    lo, hi = 1e-6, 1e3  # the entropy falls as the step grows
+    for _ in range(45):
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if estimated(mid) > budget else (lo, mid)
+        lo, hi = (mid, hi) if entropy(mid) > target else (lo, mid)
     step = hi
-    for _ in range(6):  # correct on the exact encoded size: d bits / d log2(step) ~ -1 per element
-        actual = p.make(GridElement(step)).encode(p.w).nbits
-        if actual <= p.bits * p.numel:
-            break
-        step *= 2 ** max((actual - p.bits * p.numel) / p.numel, 0.002)
-    return p.make(GridElement(step))
+    for _ in range(8):  # exact: d bits / d log2(step) ~ -1 per element at high rate
+        fmt = p.make(GridElement(step))
+        encoded = fmt.encode(p.w, p.weight)
+        if encoded.nbits <= limit:
+            p.encoded = encoded
+            return fmt
+        step *= 2 ** max((encoded.nbits - limit) / p.numel, 0.002)
+    raise ValueError(f"could not fit the grid within bits={p.bits} (coded size keeps exceeding the budget)")
 
 
 def fit_format(
@@ -256,9 +270,10 @@ def fit_format(
     problem = _Problem(w.detach().float(), None if weight is None else weight.detach().float(), bits,
                        scaling or DEFAULT_SCALING[family], sparse, rotation, distribution)
     fmt = FAMILIES[family](problem)
-    encoded_bits = fmt.count_bits(w)
-    error = relative_error(w, fmt.quantise(w, weight), weight)
-    return FitResult(fmt, encoded_bits, encoded_bits / w.numel(), error)
+    encoded = problem.encoded if problem.encoded is not None and problem.encoded.format == fmt else None
+    encoded = encoded or fmt.encode(w, weight)
+    error = relative_error(w, fmt.decode(encoded), weight)
+    return FitResult(fmt, encoded.nbits, encoded.nbits / w.numel(), error, encoded)
 
 
 def realisable_bits(family: str, shape: tuple[int, ...], scaling: Scaling | None = None,

@@ -569,7 +569,7 @@ _MIN_BM_GEMM, _MIN_BN_GEMM = 16, 32
 def _gemv_configs():
     return [
         triton.Config({"BN": bn}, num_warps=w, num_stages=1)
-        for bn, w in ((16, 4), (32, 4), (64, 2), (64, 4), (128, 4), (256, 8))
+        for bn, w in ((16, 4), (32, 4), (64, 4), (128, 4), (256, 8))
     ]
 
 
@@ -577,10 +577,10 @@ def _prune_gemv(configs, named_args, **kwargs):
     bm = kwargs.get("BM", named_args.get("BM", 1))
     if bm == 1:
         keep = [c for c in configs if c.kwargs["BN"] >= 32]
-    elif bm == 2:
-        keep = [c for c in configs if c.kwargs["BN"] in (32, 64) and c.num_warps == 4]
-    else:  # the [BM, BN, C] accumulators get large: small tiles only
+    elif bm == 2:  # the [BM, BN, C] accumulators get large: small tiles only (no spills)
         keep = [c for c in configs if c.kwargs["BN"] <= 32]
+    else:
+        keep = [c for c in configs if c.kwargs["BN"] <= 16]
     return keep or configs[:1]
 
 
@@ -618,6 +618,8 @@ def _autotune(fn, configs, key, prune=None):
     kw = {}
     if prune is not None:
         kw["prune_configs_by"] = {"early_config_prune": prune}
+    if "cache_results" in params:  # tuning results join Triton's on-disk cache
+        kw["cache_results"] = True
     if "do_bench" in params:
 
         def bench(kernel_call, quantiles=None):
@@ -630,7 +632,7 @@ def _autotune(fn, configs, key, prune=None):
 
 
 @functools.cache
-def _kernels(interpret: bool):
+def _kernels(interpret: bool, tune: bool = True):
     """``(gemv, gemm, tuned)``: kernel objects for the interpreter or the compiler."""
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
@@ -638,7 +640,7 @@ def _kernels(interpret: bool):
         return InterpretedFunction(_lut_gemv_kernel), InterpretedFunction(_lut_gemm_kernel), False
     gemv = triton.jit(_lut_gemv_kernel)
     gemm = triton.jit(_lut_gemm_kernel)
-    if os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"):
+    if not tune:
         return gemv, gemm, False
     gemv = _autotune(gemv, _gemv_configs(), _GEMV_KEY, prune=_prune_gemv)
     gemm = _autotune(gemm, _gemm_configs(), _GEMM_KEY, prune=_prune_gemm)
@@ -779,7 +781,7 @@ def lut_linear(
         raise ValueError(f"path must be 'gemv', 'gemm', 'torch' or None, got {path!r}")
 
     interpret = not x2.is_cuda or _interpret_mode()
-    gemv, gemm, tuned = _kernels(interpret)
+    gemv, gemm, tuned = _kernels(interpret, not os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"))
     meta = _kernel_meta(packed, k, interpret)
     n_groups = packed.n_groups
     ldw = packed.qweight.stride(0)
