@@ -33,11 +33,11 @@ empirical entropies H = 2..6 bits.
   at low entropy. This misses the 0.02 b/sym target everywhere.
 * rANS with 12-bit frequencies and the same 4096-entry decode table stores everything in
   H + 0.009-0.011 b/sym at 1024x1024 and H + 0.0083-0.0096 b/sym at 4096x4096.
-  constriction's single-stream ANS (ideal model, payload only) lands within 2e-5 of H.
+  constriction's single-stream ANS (ideal model, payload only) lands within 5e-5 of H.
   So the remaining gap is the price of independent chunks and the table.
 * Each chunk costs about 32 bits: a 16-bit size entry, about 8 bits of average waste in
   the flushed 32-bit state, and about 8 bits of precision loss. For H = 2..6 at
-  4096x4096 the total overhead is 0.063 b/sym at chunk_size 512, 0.032 at 1024,
+  4096x4096 the total overhead is 0.058-0.063 b/sym at chunk_size 512, 0.030-0.032 at 1024,
   0.016-0.018 at 2048, 0.008-0.010 at 4096 and 0.004-0.006 at 8192.
   We chose 4096. It meets the target with margin on 1M-symbol tensors, where table
   costs matter more, and still gives a 4096x4096 tensor 4096 independent lanes.
