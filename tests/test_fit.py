@@ -92,3 +92,13 @@ def test_fit_rejects_bad_arguments():
         fit_format(w, "int", 4, weight=torch.ones(3))
     assert set(FIXED_FAMILIES) < set(FAMILIES)
     assert math.isfinite(fit_format(w, "int", 8.5).error)
+
+
+@pytest.mark.parametrize("bits", [2.5, 3.5, 5.0])
+def test_grid_fit_hits_the_all_inclusive_target(bits):
+    w = torch.distributions.StudentT(5.0).sample((512, 512)) * 0.02
+    result = fit_format(w, "grid", bits)
+    assert result.bits == result.format.encode(w).nbits
+    assert bits - 0.03 < result.bits_per_element <= bits
+    # the grid beats the best fixed-length table at the same all-inclusive budget
+    assert result.error < fit_format(w, "cube_root", bits).error

@@ -302,3 +302,47 @@ def test_nan_weights_and_malformed_tensors_are_refused():
                    {**encoded.tensors, "scales": encoded.tensors["scales"][:2]}):
         with pytest.raises(ValueError):
             fmt.decode(EncodedTensor(fmt, encoded.shape, encoded.dtype, broken))
+
+
+# ---- the variable-length grid ------------------------------------------------------------
+
+@pytest.mark.parametrize("scaling", [Scaling("channel", 1, "rms", "bf16"), Scaling("tensor", 1, "rms", "fp32"),
+                                     Scaling("block", 64, "absmax", "fp8_e4m3")],
+                         ids=lambda s: f"{s.granularity}-{s.statistic}")
+def test_grid_round_trip_is_entropy_coded_and_exactly_counted(scaling):
+    from hf_optquant.formats import GridElement
+
+    for i, shape in enumerate([(64, 300), (7, 33), (2, 3, 128)]):
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[i]
+        w = _heavy_tailed(shape, dtype)
+        fmt = TensorFormat(GridElement(0.3), scaling, SparseOutliers(0.01) if i == 0 else None)
+        encoded = fmt.encode(w)
+        assert any(k.startswith("codes.") for k in encoded.tensors) and "codes" not in encoded.tensors
+        assert torch.equal(fmt.decode(encoded), fmt.quantise(w))
+        assert fmt.storage_bits(tuple(w.shape)) is None and fmt.count_bits(w) == encoded.nbits
+
+
+def test_grid_storage_is_close_to_the_index_entropy():
+    from hf_optquant.formats import GridElement
+
+    w = torch.randn(1024, 1024)
+    fmt = TensorFormat(GridElement(0.25), Scaling("tensor", 1, "rms", "fp32"))
+    codes = fmt.quantise_parts(w).codes
+    _, counts = torch.unique(codes, return_counts=True)
+    p = counts.double() / counts.sum()
+    entropy = float(-(p * p.log2()).sum())
+    bits = fmt.encode(w).bits_per_element
+    assert entropy < bits < entropy + 0.02
+
+
+def test_corrupted_grid_stream_is_refused():
+    from hf_optquant.formats import GridElement
+
+    fmt = TensorFormat(GridElement(0.2))
+    w = torch.randn(32, 256)
+    encoded = fmt.encode(w)
+    payload = encoded.tensors["codes.payload"].clone()
+    payload[len(payload) // 2] ^= 0x10
+    broken = EncodedTensor(fmt, encoded.shape, encoded.dtype, {**encoded.tensors, "codes.payload": payload})
+    with pytest.raises(ValueError):
+        fmt.decode(broken)
