@@ -232,8 +232,10 @@ def _fit_grid(p: _Problem) -> TensorFormat:
         raise ValueError(f"bits={p.bits} leaves nothing for the codes after scales and outliers")
     target = (limit - overhead) / p.numel - GRID_CODE_MARGIN
 
+    u = p.make(GridElement()).normalise(p.sample).u  # the grid's scales do not depend on the step
+
     def entropy(step: float) -> float:
-        return _empirical_entropy(p.make(GridElement(step)).quantise_parts(p.sample).codes)
+        return _empirical_entropy(GridElement(step).indices(u))
 
     lo, hi = 1e-6, 1e3  # the entropy falls as the step grows
     for _ in range(45):

@@ -44,6 +44,16 @@ class QuantisedParts(NamedTuple):
     outliers: Outliers | None
 
 
+class Normalised(NamedTuple):
+    """A tensor after rotation, outlier removal and scaling, before element coding."""
+
+    u: torch.Tensor  # float32 [rows, cols]
+    scales: torch.Tensor  # float32 [R, nb], as stored
+    full_scales: torch.Tensor  # float32 [rows, cols]
+    scale_tensors: dict[str, torch.Tensor]
+    outliers: Outliers | None
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedTensor:
     """A quantised tensor as stored: the format, the original shape/dtype and the bytes."""
@@ -113,12 +123,10 @@ class TensorFormat(Spec):
         return self.element.variable_length
 
     # ---- quantisation ----------------------------------------------------------------
-    def quantise_parts(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> QuantisedParts:
-        """Split ``w`` into codes, scales, table and outliers; ``weight`` (e.g. diagonal
-        Fisher, same shape as w) weights the squared error for fitted tables."""
+    def normalise(self, w: torch.Tensor) -> Normalised:
+        """Rotate, split off outliers and scale: the values the element format will code."""
         w2d = self._to_2d(w)
         rows, cols = w2d.shape
-        weight2d = None if weight is None else self._weight_2d(weight, rows, cols)
         outliers = None
         if self.sparse is not None:
             w2d, outliers = self.sparse.split(w2d)
@@ -126,14 +134,23 @@ class TensorFormat(Spec):
         scales = self.scaling.decode_scales(scale_tensors)
         full_scales = self.scaling.broadcast(scales, rows, cols)
         u = torch.where(full_scales != 0, w2d / full_scales, torch.zeros_like(w2d))
+        return Normalised(u, scales, full_scales, scale_tensors, outliers)
+
+    def quantise_parts(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> QuantisedParts:
+        """Split ``w`` into codes, scales, table and outliers; ``weight`` (e.g. diagonal
+        Fisher, same shape as w) weights the squared error for fitted tables."""
+        norm = self.normalise(w)
+        rows, cols = norm.u.shape
         if isinstance(self.element, LutElement):
-            fit_weight = None if weight2d is None else weight2d * full_scales.double().square()
-            table = self.element.fit_table(u, fit_weight, self.scaling.statistic,
+            fit_weight = None
+            if weight is not None:
+                fit_weight = self._weight_2d(weight, rows, cols) * norm.full_scales.double().square()
+            table = self.element.fit_table(norm.u, fit_weight, self.scaling.statistic,
                                            self.scaling.block_elements(rows, cols))
-            codes = nearest_index(u, table.float())
+            codes = nearest_index(norm.u, table.float())
         else:
-            table, codes = None, self.element.indices(u)
-        return QuantisedParts(codes, scales, scale_tensors, table, outliers)
+            table, codes = None, self.element.indices(norm.u)
+        return QuantisedParts(codes, norm.scales, norm.scale_tensors, table, norm.outliers)
 
     def dequantise_parts(self, parts: QuantisedParts, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         rows, cols = _as_2d_shape(shape)
