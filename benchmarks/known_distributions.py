@@ -63,7 +63,7 @@ def run(elements: int, seed: int) -> list[dict]:
         for method, family, scaling, kwargs, widths in methods(name):
             for bits in widths:
                 start = time.perf_counter()
-                fit = fit_format(data, family, bits + 1e-3, scaling=scaling, **kwargs)
+                fit = fit_format(data, family, bits + 0.01, scaling=scaling, **kwargs)
                 mse = fit.error * float(data.double().square().mean())
                 rows.append({
                     "distribution": label, "method": method, "target_bits": bits,
@@ -118,7 +118,10 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=1 << 20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids stalls on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args.elements, args.seed)
     table = markdown(rows)

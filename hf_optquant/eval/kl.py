@@ -54,12 +54,23 @@ class EvalResult:
 
 
 def text_to_sequences(tokenizer, text: str, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Non-overlapping [S, seq_len] windows of the tokenised text, at most ``max_tokens`` tokens."""
+    """Non-overlapping [S, seq_len] windows of the tokenised text, at most ``max_tokens`` tokens.
+
+    Each window starts with the BOS token when the tokenizer adds one by default: models
+    such as Gemma are trained with it, and without it their predictions (and so perplexity
+    and KL) are badly off."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    count = min(ids.numel(), max_tokens) // seq_len
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] != [bos]:
+        bos = None
+    body = seq_len - (bos is not None)
+    count = min(ids.numel(), max_tokens) // body if body > 0 else 0
     if count == 0:
         raise ValueError(f"text has {ids.numel()} tokens: too few for one sequence of {seq_len}")
-    return ids[: count * seq_len].reshape(count, seq_len)
+    windows = ids[: count * body].reshape(count, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((count, 1), bos, dtype=windows.dtype), windows], dim=1)
+    return windows
 
 
 def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -128,10 +128,10 @@ class _Problem:
 
     def best_multiplier(self, element: ElementFormat, refine: bool = True) -> TensorFormat:
         """Scale multiplier minimising the error: a coarse log grid, then a finer one around the best."""
-        lo, hi = (0.5, 1.0) if self.scaling.statistic != "rms" else _rms_bracket(element)
-        best = self._best_on_grid(element, lo, hi, 9)
+        lo, hi = _multiplier_bracket(element, self.scaling.statistic)
+        best = self._best_on_grid(element, lo, hi, 13)
         if refine:
-            ratio = (hi / lo) ** (1 / 8)
+            ratio = (hi / lo) ** (1 / 12)
             best = self._best_on_grid(element, best / ratio, best * ratio, 7)
         return self.make(element, best)
 
@@ -140,10 +140,16 @@ class _Problem:
         return min(grid, key=lambda m: self.error(self.make(element, m)))
 
 
-def _rms_bracket(element: ElementFormat) -> tuple[float, float]:
-    """Multiplier range for rms scaling: the table's extreme should land near 2-6 sigma."""
+def _multiplier_bracket(element: ElementFormat, statistic: str) -> tuple[float, float]:
+    """Search range for the scale multiplier.
+
+    absmax/signmax: from heavy clipping (0.1: heavy-tailed data over a whole tensor) to none.
+    rms: wide enough for tables in rms units (cube-root, multiplier ~1) and for integer
+    tables, whose extreme level should land a few sigma out (multiplier ~ 1/span .. 8/span)."""
+    if statistic != "rms":
+        return 0.1, 1.0
     span = float(element.table("rms", 64).abs().max())
-    return 1.0 / span, 8.0 / span
+    return min(0.25, 1.0 / span), max(2.0, 8.0 / span)
 
 
 def _row_subsample(w: torch.Tensor, weight: torch.Tensor | None):

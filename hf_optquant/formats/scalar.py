@@ -212,15 +212,25 @@ def _subsample(u: torch.Tensor, weight: torch.Tensor | None, limit: int):
 
 
 def _initial_table(u: torch.Tensor, weight: torch.Tensor | None, levels: int) -> torch.Tensor:
-    """(Weighted) quantiles of the data at (i + 1/2) / levels: a good start for Lloyd-Max."""
+    """Start for Lloyd-Max: the cube-root-density table of the data's own histogram.
+
+    At high rate the optimal level density is proportional to p^(1/3) (weighted: (w p)^(1/3)),
+    so starting there leaves Lloyd-Max only a local correction; plain data quantiles
+    (density p) converge very slowly at 5+ bits."""
     if u.numel() == 0:
         return torch.linspace(-1, 1, levels, dtype=torch.float64)
-    order = torch.argsort(u)
+    low, high = float(u.min()), float(u.max())
+    if high <= low:
+        return _spread_duplicates(torch.full((levels,), low, dtype=torch.float64))
+    bins = 4096
     mass = torch.ones_like(u) if weight is None else weight.clamp_min(0)
-    cumulative = torch.cumsum(mass[order], 0)
+    index = ((u - low) / (high - low) * bins).long().clamp_(0, bins - 1)
+    density = torch.bincount(index, weights=mass, minlength=bins).clamp_min(0)
+    cumulative = torch.cumsum(density.pow(1 / 3), 0)
+    cumulative = cumulative / cumulative[-1]
     probs = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
-    pick = torch.searchsorted(cumulative, probs * cumulative[-1]).clamp_max(u.numel() - 1)
-    return _spread_duplicates(u[order][pick].clone())
+    position = torch.searchsorted(cumulative, probs).clamp_max(bins - 1).double()
+    return _spread_duplicates(low + (position + 0.5) / bins * (high - low))
 
 
 def _spread_duplicates(table: torch.Tensor) -> torch.Tensor:
