@@ -98,7 +98,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids stalls on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
@@ -150,16 +154,20 @@ def main() -> None:
     saved = [s for fmt in args.formats for s in bits_saved_at_equal_kl(rows, fmt)]
     print(f"\n# model quality: {args.model}, eval {reference.tokens} tokens (k={args.top_k}), "
           f"{platform.machine()} torch {torch.__version__}\n")
-    print("| format | allocation | target b/p | stored b/p (quantised) | b/p (whole model) | KL (nats/token) | ppl | Δppl |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| format | allocation | target b/p | stored b/p (quantised) | b/p (whole model) | KL (nats/token) "
+          "| ppl | Δppl |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['format']} | {r['allocation']} | {r['target_bits']:.2f} | {r['bits']:.3f} | {r['model_bits']:.3f} | "
-              f"{r['kl']:.4f} ± {r['kl_stderr']:.4f} | {r['ppl']:.3f} | {r['ppl'] - r['ref_ppl']:+.3f} |")
+        print(f"| {r['format']} | {r['allocation']} | {r['target_bits']:.2f} | {r['bits']:.3f} | "
+              f"{r['model_bits']:.3f} | {r['kl']:.4f} ± {r['kl_stderr']:.4f} | {r['ppl']:.3f} | "
+              f"{r['ppl'] - r['ref_ppl']:+.3f} |")
     if saved:
-        print("\n| format | uniform b/p | KL | Fisher-allocated b/p at equal KL | saved b/p |\n|---|---:|---:|---:|---:|")
+        print("\n| format | uniform b/p | KL | Fisher-allocated b/p at equal KL | saved b/p |\n"
+              "|---|---:|---:|---:|---:|")
         for s in saved:
-            print(f"| {s['format']} | {s['uniform_bits']:.3f} | {s['kl']:.4f} | {s['fisher_bits']:.3f} | {s['saved']:+.3f} |")
-    (args.out / f"model_quality_{args.model}.json").write_text(json.dumps({"rows": rows, "saved": saved}, indent=1))
+            print(f"| {s['format']} | {s['uniform_bits']:.3f} | {s['kl']:.4f} | {s['fisher_bits']:.3f} | "
+                  f"{s['saved']:+.3f} |")
+    out = {"rows": rows, "saved": saved}
+    (args.out / f"model_quality_{args.model}.json").write_text(json.dumps(out, indent=1))
     plot(rows, args.out / f"model_quality_{args.model}.png", args.model)
 
 
