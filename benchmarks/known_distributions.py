@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=1 << 20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids stalls on a busy machine)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids stalls on a busy machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

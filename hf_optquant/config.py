@@ -84,7 +84,8 @@ class OptQuantConfig(QuantizationConfigMixin):
         self.calibration_text = calibration_text
         self.calibration_tokens = calibration_tokens
         self.calibration_seq_len = calibration_seq_len
-        self.modules_to_not_convert = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
+        skip = ["lm_head"] if modules_to_not_convert is None else modules_to_not_convert
+        self.modules_to_not_convert = list(skip) if isinstance(skip, tuple) else skip
         self.seed = seed
         kwargs.pop("quant_method", None)
         unknown = sorted(set(kwargs) - {"format_version"})
@@ -121,10 +122,12 @@ class OptQuantConfig(QuantizationConfigMixin):
         if not (isinstance(self.modules_to_not_convert, list)
                 and all(isinstance(m, str) for m in self.modules_to_not_convert)):
             raise ValueError(f"{owner}.modules_to_not_convert must be a list of strings")
+        check_int(owner, "rotation_block", self.rotation_block, 0, 1 << 15)
+        if self.rotation_block and (self.rotation_block < 2 or math.log2(self.rotation_block) % 1):
+            raise ValueError(f"{owner}.rotation_block must be 0 (off) or a power of two in [2, 32768], "
+                             f"got {self.rotation_block}")
         # building the pieces validates the remaining combinations (e.g. signmax with e8m0)
         self.scaling(), self.sparse(), self.rotation()
-        if self.rotation_block and math.log2(self.rotation_block) % 1:
-            raise ValueError(f"{owner}.rotation_block must be 0 or a power of two, got {self.rotation_block}")
 
     @property
     def needs_fisher(self) -> bool:
@@ -144,7 +147,6 @@ class OptQuantConfig(QuantizationConfigMixin):
         return SparseOutliers(self.sparse_fraction) if self.sparse_fraction > 0 else None
 
     def rotation(self) -> Rotation | None:
-        check_int("OptQuantConfig", "rotation_block", self.rotation_block, 0, 1 << 15)
         return Rotation(self.rotation_block, seed=self.seed) if self.rotation_block else None
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import copy
 import gc
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -53,9 +54,6 @@ from .serialization import (
     read_checkpoint,
     verify_module,
 )
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 __all__ = ["OptQuantHfQuantizer", "register"]
 
@@ -147,7 +145,9 @@ class OptQuantHfQuantizer(HfQuantizer):
             module = build_quant_linear(entry, device=weight.device,
                                         bias_dtype=None if old_bias is None else old_bias.dtype)
             set_submodule(model, target, module)
+            module._is_hf_initialized = True  # nothing to initialise: every buffer comes from the checkpoint
             self._module_names[name] = target
+        _shield_parents_from_init(model, self._module_names.values())
         self._checkpoint_metadata = meta
         return model
 
@@ -224,6 +224,21 @@ class OptQuantHfQuantizer(HfQuantizer):
                     linear.bias.copy_(module.bias)
             set_submodule(model, name, linear)
         return model
+
+
+def _shield_parents_from_init(model: nn.Module, names) -> None:
+    """Model-specific ``_init_weights`` may touch a child's ``.weight`` from the parent (GPT-2 re-initialises
+    ``attn.c_proj.weight`` from GPT2Attention), which a QuantLinear does not have.  A parent with no
+    parameters or buffers of its own has nothing to initialise itself, so mark it initialised; its children
+    are still visited (and initialised if missing) on their own."""
+    for name in names:
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if parent is model or isinstance(parent, PreTrainedModel):
+            continue
+        if next(parent.named_parameters(recurse=False), None) is None and \
+                next(parent.named_buffers(recurse=False), None) is None:
+            parent._is_hf_initialized = True
 
 
 def _resolve_module_name(model: nn.Module, name: str) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..formats import EncodedTensor, TensorFormat
 
-__all__ = ["QuantLinear", "BUFFER_PREFIX", "buffer_name", "tensor_key"]
+__all__ = ["QuantLinear", "BUFFER_PREFIX", "buffer_name", "tensor_key", "set_weight_cache"]
 
 BUFFER_PREFIX = "weight__"
 _KEY_RE = re.compile(r"^[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*(?:\.[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)*$")
@@ -209,3 +209,16 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format=[{desc}], bits={self.bits_per_element:.3f}/weight, "
                 f"cache_weight={self.cache_weight}")
+
+
+def set_weight_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the decoded-weight cache of every :class:`QuantLinear` in ``model`` on or off (e.g. after
+    ``from_pretrained``: faster repeated forwards at the cost of one full-precision copy of each
+    weight).  Returns how many modules were changed."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.cache_weight = enabled
+            module.clear_cache()
+            count += 1
+    return count
