@@ -241,6 +241,14 @@ def test_e8m0_scales_never_clip_and_zero_blocks_stay_zero():
     assert float(u.abs().max()) <= min(-table[0], table[-1])  # rounding the scale up avoids clipping
 
 
+def test_one_sided_two_level_int_table_still_scales():
+    w = torch.randn(8, 64)
+    for statistic in ("absmax", "signmax"):
+        q = TensorFormat(IntElement(1), Scaling("block", 32, statistic, "bf16")).quantise(w)
+        assert torch.isfinite(q).all() and set(torch.unique(q.sign()).tolist()) <= {-1.0, 0.0, 1.0}
+        assert float((q - w).norm()) < float(w.norm())
+
+
 def test_sparse_outliers_are_kept_exactly():
     w = torch.randn(32, 128)
     w[3, 5], w[30, 100] = 40.0, -55.0

@@ -40,7 +40,8 @@ def table_reference(table: torch.Tensor | None, statistic: str) -> float:
         return 1.0
     low, high = float(table[0]), float(table[-1])
     if statistic == "absmax":
-        return min(-low, high)
+        both_sides = min(-low, high)  # the largest magnitude representable with either sign
+        return both_sides if both_sides > 0 else max(-low, high)  # one-sided tables, e.g. int {-1, 0}
     return low if abs(low) > abs(high) else high  # signmax: the wider end, with its sign
 
 
