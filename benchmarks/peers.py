@@ -1,11 +1,12 @@
 """Peer baselines for the model-quality benchmark: other quantisers on the same weights and protocol.
 
-The protocol is exactly the one of ``benchmarks/model_quality.py`` (same model loading, the same
-evaluation text, seq_len 256, top-k 128 KL, 8192 evaluation tokens by default; its ``load`` and
-``grid_flattery`` are reused).  Every ``nn.Linear`` weight except ``lm_head`` is quantised by the
-peer's own quantiser and replaced by the peer's own de-quantisation (fake quantisation);
-embeddings and lm_head stay unquantised, as for our method.  Nothing of the peers' code is copied:
-each is called through its installed package, on the CPU.
+The protocol is exactly the one of ``benchmarks/model_quality.py``: same model loading, the same
+evaluation windows from ``text_to_sequences`` (BOS first where the tokenizer uses one), seq_len 256,
+top-k 128 KL, 8192 evaluation tokens by default; its ``load`` and ``grid_flattery`` are reused.
+Every ``nn.Linear`` weight except ``lm_head`` is quantised by the peer's own quantiser and replaced
+by the peer's own de-quantisation (fake quantisation); embeddings and lm_head stay unquantised, as
+for our method.  Nothing of the peers' code is copied: each is called through its installed
+package, on the CPU.
 
 Stored bits per parameter are measured from what each peer actually keeps for a tensor, summed over
 the quantised tensors and divided by their parameter count:
@@ -36,7 +37,8 @@ the quantised tensors and divided by their parameter count:
 Usage:
   python benchmarks/peers.py --model gemma-3-270m --eval-tokens 8192 --out benchmarks/out
   python benchmarks/peers.py --peers gguf hqq --gguf-types Q4_0 Q5_0 --hqq-bits 4 3
-Prints one line per config and a markdown table; writes ``peers_<model>.json`` under ``--out``.
+Prints one line per config and a markdown table; writes ``peers_<model>.json`` under ``--out`` after
+every config (``--resume`` carries on from it after an interruption).
 """
 
 from __future__ import annotations
@@ -299,17 +301,6 @@ def apply(model: nn.Module, original: dict[str, torch.Tensor], config: PeerConfi
             "quantised_params": numel, "weight_rel_rmse": math.sqrt(err2 / ref2), "exact_fraction": exact / numel}
 
 
-def eval_sequences(tokenizer, text: str, args) -> torch.Tensor:
-    """model_quality.py's windows; with --bos, BOS followed by seq_len - 1 text tokens per window."""
-    bos = tokenizer.bos_token_id
-    if not args.bos or bos is None:
-        return text_to_sequences(tokenizer, text, args.seq_len, args.eval_tokens)
-    ids = text_to_sequences(tokenizer, text, args.seq_len - 1, args.eval_tokens)
-    if bool((ids[:, 0] == bos).all()):  # the windows already start with BOS
-        return text_to_sequences(tokenizer, text, args.seq_len, args.eval_tokens)
-    return torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], dim=1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
@@ -324,11 +315,14 @@ def main() -> None:
     parser.add_argument("--hqq-group-size", type=int, default=64)
     parser.add_argument("--bnb-blocksize", type=int, default=64)
     parser.add_argument("--torchao-group-size", type=int, default=64)
-    parser.add_argument("--bos", action="store_true",
-                        help="prepend BOS to every window (seq_len - 1 text tokens + BOS). NOT what "
-                             "model_quality.py does: off by default so that the numbers stay comparable")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the configs already in the output JSON (same protocol) and run the rest")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids stalls on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
@@ -340,18 +334,42 @@ def main() -> None:
 
     model, tokenizer = load(args.model)
     original = {n: p.detach().clone() for n, p in linear_weights(model, skip=SKIP).items()}
-    eval_ids = eval_sequences(tokenizer, load_text("evaluation"), args)
+    eval_ids = text_to_sequences(tokenizer, load_text("evaluation"), args.seq_len, args.eval_tokens)
+    bos = tokenizer.bos_token_id is not None and bool((eval_ids[:, 0] == tokenizer.bos_token_id).all())
     start = time.perf_counter()
     reference = reference_outputs(model, eval_ids, k=args.top_k, progress=False)
     flattery = grid_flattery(model)
     print(f"reference: {reference.tokens} tokens, ppl {math.exp(reference.nll):.3f} "
           f"({time.perf_counter() - start:.0f}s); 4-bit/32 RTN relative RMS error {math.sqrt(flattery):.2%} "
           f"(relative MSE {flattery:.4%}, the number model_quality.py prints); "
-          f"{sum(w.numel() for w in original.values()) / 1e6:.1f} M quantised params in {len(original)} tensors",
+          f"{sum(w.numel() for w in original.values()) / 1e6:.1f} M quantised params in {len(original)} tensors; "
+          f"windows {'start with BOS' if bos else 'have no BOS'}",
           flush=True)
 
+    versions = {p: _version(p) for p in ("torch", "transformers", "gguf", "hqq", "bitsandbytes", "torchao")}
+    out = args.out / f"peers_{args.model}.json"
+    header = {"model": args.model, "eval_tokens": reference.tokens, "seq_len": args.seq_len, "top_k": args.top_k,
+              "bos_first": bos, "reference_ppl": math.exp(reference.nll)}
     rows = []
+    if args.resume and out.is_file():
+        previous = json.loads(out.read_text())
+        if all(previous.get(k) == v for k, v in header.items() if k != "reference_ppl") and \
+                math.isclose(previous["reference_ppl"], header["reference_ppl"], rel_tol=1e-4):
+            rows = previous["rows"]
+            print(f"resume: {len(rows)} configs already in {out}", flush=True)
+        else:
+            print(f"resume: {out} is from another protocol; starting afresh", flush=True)
+
+    def save(complete: bool) -> None:
+        out.write_text(json.dumps({
+            **header, "date": datetime.date.today().isoformat(), "machine": platform.platform(),
+            "complete": complete, "int4_b32_rtn_rel_mse": flattery, "int4_b32_rtn_rel_rmse": math.sqrt(flattery),
+            "versions": versions, "rows": rows, "skipped": skipped}, indent=1))
+
+    done = {(r["peer"], r["setting"]) for r in rows}
     for config in configs:
+        if (config.peer, config.setting) in done:
+            continue
         start = time.perf_counter()
         try:
             stats = apply(model, original, config)
@@ -365,6 +383,7 @@ def main() -> None:
                      **stats, "kl": result.kl, "kl_stderr": result.kl_stderr, "ppl": result.perplexity,
                      "ref_ppl": result.reference_perplexity, "quantise_seconds": seconds,
                      "eval_seconds": time.perf_counter() - start - seconds})
+        save(complete=False)
         r = rows[-1]
         packed = f" ({r['packed_bits']:.3f} if packed)" if r["packed_bits"] is not None else ""
         print(f"{r['peer']:12s} {r['setting']:38s} stored {r['bits']:.3f} b/p{packed}  KL {r['kl']:.4f}±"
@@ -375,10 +394,9 @@ def main() -> None:
         for n, p in linear_weights(model, skip=SKIP).items():
             p.copy_(original[n])
 
-    versions = {p: _version(p) for p in ("torch", "transformers", "gguf", "hqq", "bitsandbytes", "torchao")}
-    bos = ", BOS prepended" if args.bos else ""
+    packages = ", ".join(f"{k} {v}" for k, v in versions.items())
     print(f"\n# peer baselines: {args.model}, eval {reference.tokens} tokens (k={args.top_k}, seq_len "
-          f"{args.seq_len}{bos}), {platform.machine()}, {', '.join(f'{k} {v}' for k, v in versions.items())}\n")
+          f"{args.seq_len}{', BOS first' if bos else ''}), {platform.machine()}, {packages}\n")
     print("| model | peer | setting | stored b/p | KL (nats/token) | ppl | Δppl | weight rel. RMSE | exact |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["peer"], -r["bits"])):
@@ -388,13 +406,7 @@ def main() -> None:
               f"{r['exact_fraction']:.0%} |")
     for s in skipped:
         print(f"skipped: {s['peer']} {s['setting']}: {s['reason']}")
-    out = args.out / f"peers_{args.model}{'_bos' if args.bos else ''}.json"
-    out.write_text(json.dumps({
-        "model": args.model, "date": datetime.date.today().isoformat(), "machine": platform.platform(),
-        "eval_tokens": reference.tokens, "seq_len": args.seq_len, "top_k": args.top_k, "bos": args.bos,
-        "reference_ppl": math.exp(reference.nll), "int4_b32_rtn_rel_mse": flattery,
-        "int4_b32_rtn_rel_rmse": math.sqrt(flattery), "versions": versions,
-        "rows": rows, "skipped": skipped}, indent=1))
+    save(complete=True)
     print(f"\nwrote {out}")
 
 

@@ -23,7 +23,7 @@ Public API
 ``CorruptStreamError``
     Raised for every detected corruption. It is a subclass of ValueError.
 
-Why rANS, and why 4096-symbol chunks (measured: benchmarks/RESULTS.md, section 2)
+Why rANS, and why 4096-symbol chunks (measured: benchmarks/RESULTS.md, section 4)
 ------------------------------------------------------------------------------
 Test data: round(x / delta) indices of Normal, Laplace and Student-t(5) samples at
 empirical entropies H = 2..6 bits.
