@@ -114,7 +114,7 @@ def main() -> None:
     start = time.perf_counter()
     reference = reference_outputs(model, eval_ids, k=args.top_k)
     print(f"reference: {reference.tokens} tokens, ppl {math.exp(reference.nll):.3f} "
-          f"({time.perf_counter() - start:.0f}s); 4-bit/32 RTN relative error {grid_flattery(model):.4%}")
+          f"({time.perf_counter() - start:.0f}s); 4-bit/32 RTN relative MSE {grid_flattery(model):.4%}")
     base = OptQuantConfig(calibration_tokens=args.calibration_tokens, calibration_seq_len=args.seq_len)
     calib = calibration_sequences(tokenizer, base)
     start = time.perf_counter()

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import platform
@@ -56,15 +57,30 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-import torch
-from torch import nn
+_HERE = Path(__file__).resolve().parent
+# `python benchmarks/peers.py` puts benchmarks/ first on sys.path, where bitsandbytes' optional
+# `import kernels` (the HF kernels-hub package) would find benchmarks/kernels.py: drop it, and load
+# model_quality.py by its path instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from model_quality import grid_flattery, load  # noqa: E402  (same loading and on-grid detector)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from hf_optquant.eval import evaluate_against_reference, reference_outputs, text_to_sequences  # noqa: E402
 from hf_optquant.fisher import linear_weights  # noqa: E402
+
+
+def _model_quality():
+    spec = importlib.util.spec_from_file_location("model_quality", _HERE / "model_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# same model loading and on-grid detector as our own benchmark
+_MQ = _model_quality()
+load, grid_flattery = _MQ.load, _MQ.grid_flattery
 
 SKIP = ("lm_head",)
 EXACT_TOLERANCE = 1e-3  # a tensor whose relative RMS error is below this is reproduced (on-grid)
