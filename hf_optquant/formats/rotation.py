@@ -57,7 +57,7 @@ class Rotation(Spec):
         b = self.effective_block(cols)
         if b == 1:
             return w2d
-        blocks = w2d.reshape(rows, cols // b, b) * self._signs(b).to(w2d.dtype)
+        blocks = w2d.reshape(rows, cols // b, b) * self._signs(b).to(device=w2d.device, dtype=w2d.dtype)
         return hadamard_transform(blocks).reshape(rows, cols)
 
     def unrotate(self, w2d: torch.Tensor) -> torch.Tensor:
@@ -66,4 +66,4 @@ class Rotation(Spec):
         if b == 1:
             return w2d
         blocks = hadamard_transform(w2d.reshape(rows, cols // b, b))
-        return (blocks * self._signs(b).to(w2d.dtype)).reshape(rows, cols)
+        return (blocks * self._signs(b).to(device=w2d.device, dtype=w2d.dtype)).reshape(rows, cols)

@@ -189,6 +189,11 @@ class TensorFormat(Spec):
 
     def decode(self, encoded: EncodedTensor) -> torch.Tensor:
         """Rebuild the weights; malformed tensors raise ValueError (never garbage)."""
+        return self.dequantise_parts(self.decode_parts(encoded), encoded.shape, encoded.dtype)
+
+    def decode_parts(self, encoded: EncodedTensor) -> QuantisedParts:
+        """Unpack (or entropy-decode) the stored tensors into codes, scales, table and outliers,
+        validating them; kernels start from here instead of from the decoded weights."""
         rows, cols = _as_2d_shape(encoded.shape)
         tensors = encoded.tensors
         _require(tensors, ["scales"] + (["scales.outer"] if self.scaling.scale_format == "fp8_e4m3" else []))
@@ -208,8 +213,7 @@ class TensorFormat(Spec):
             _require(tensors, ["codes"])
             codes = packing.unpack_codes(tensors["codes"], table.numel(), rows * cols)
         outliers = self.sparse.decode(tensors, rows, cols) if self.sparse is not None else None
-        parts = QuantisedParts(codes.reshape(rows, cols), scales, {}, table, outliers)
-        return self.dequantise_parts(parts, encoded.shape, encoded.dtype)
+        return QuantisedParts(codes.reshape(rows, cols), scales, {}, table, outliers)
 
     def storage_bits(self, shape: tuple[int, ...]) -> int | None:
         """Exact stored bits for a tensor of ``shape``; None if it depends on the data."""

@@ -14,10 +14,15 @@ Buffer names
     single inner underscores so the mapping is reversible.
 
 Forward
-    Decode the weight to ``x``'s dtype and device, then ``F.linear`` (the torch reference
-    path).  ``cache_weight=True`` keeps the decoded weight between calls (invalidated when a
-    buffer is replaced or modified in place, or the module is moved); the default keeps
-    nothing but the encoded tensors, so memory stays at the quantised size.
+    On the first call on a device the stored tensors are validated and turned into a *runtime
+    weight* (:mod:`hf_optquant.nn.runtime`), cached until a buffer is replaced or modified in
+    place or the module is moved: on CUDA with Triton, the Triton kernels' layout (LUT codes
+    repacked for the fused dequantise-matmul; grid indices kept entropy-coded when the
+    entropy-decoding kernels are available); otherwise the codes, scales and table on the
+    device, dequantised by torch at each call.  None of these holds a full-precision weight.
+    ``kernels=False`` forces the torch path, ``kernels=True`` the Triton kernels (on CPU they
+    then run in Triton's interpreter, ``TRITON_INTERPRET=1``: for tests).  ``cache_weight=True``
+    keeps the decoded full-precision weight instead (fastest on CPU, most memory).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import EncodedTensor, TensorFormat
+from ..kernels import HAS_TRITON
+from .runtime import RuntimeWeight, build_runtime
 
 __all__ = ["QuantLinear", "BUFFER_PREFIX", "buffer_name", "tensor_key", "set_weight_cache"]
 
@@ -67,6 +74,7 @@ class QuantLinear(nn.Module):
             loading context) and filled by ``load_state_dict`` / from_pretrained.
         bias: whether there is a bias; ``bias_dtype`` its dtype.
         cache_weight: keep the decoded weight between forwards (off by default).
+        kernels: ``None`` (Triton kernels on CUDA when available), ``True`` or ``False``.
     """
 
     def __init__(
@@ -79,6 +87,7 @@ class QuantLinear(nn.Module):
         bias_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         cache_weight: bool = False,
+        kernels: bool | None = None,
     ):
         super().__init__()
         if not isinstance(format, TensorFormat):
@@ -91,7 +100,9 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = (int(s) for s in shape)
         self.weight_dtype = weight_dtype
         self.cache_weight = cache_weight
+        self.kernels = kernels
         self._cache: tuple[Any, torch.Tensor] | None = None
+        self._runtime: tuple[Any, RuntimeWeight] | None = None
         self._keys: list[str] = []
         for key, (tshape, tdtype) in tensor_specs.items():
             self.register_buffer(buffer_name(key), torch.empty(tuple(tshape), dtype=tdtype, device=device))
@@ -169,18 +180,36 @@ class QuantLinear(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache = None
+        self._runtime = None
+
+    def use_kernels(self, device: torch.device) -> bool:
+        if self.kernels is not None:
+            return self.kernels
+        return device.type == "cuda" and HAS_TRITON
+
+    def runtime_weight(self, device: torch.device | str) -> RuntimeWeight:
+        """The cached runtime form of the weight on ``device`` (built on first use)."""
+        device = torch.device(device)
+        kernels = self.use_kernels(device)
+        key = (kernels, self._cache_key(None, device))
+        if self._runtime is None or self._runtime[0] != key:
+            self._runtime = None  # free the old one before building the new one
+            encoded = self.encoded
+            if any(t.device.type == "meta" for t in encoded.tensors.values()):
+                raise ValueError("QuantLinear buffers are on the meta device (not loaded yet); cannot run forward")
+            self._runtime = (key, build_runtime(encoded, device, kernels))
+        return self._runtime[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
         if self.cache_weight:
             key = self._cache_key(x.dtype, x.device)
             if self._cache is None or self._cache[0] != key:
                 self._cache = (key, self.dequantize(x.dtype, x.device))
-            w = self._cache[1]
-        else:
-            self._cache = None
-            w = self.dequantize(x.dtype, x.device)
-        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        return F.linear(x, w, bias)
+            return F.linear(x, self._cache[1], bias)
+        self._cache = None
+        y = self.runtime_weight(x.device).linear(x)
+        return y if bias is None else y + bias
 
     # ---- module plumbing ---------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -192,7 +221,7 @@ class QuantLinear(nn.Module):
             new = self._buffers[name]
             if new is not None and old is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
-        self._cache = None
+        self.clear_cache()
         return self
 
     def extra_repr(self) -> str:
