@@ -58,6 +58,14 @@ def _gpt2():
                                                                 n_positions=64))
 
 
+def _gemma3():
+    """Gemma-3's text model (the architecture of the offline Gemma-3-270M): sliding-window layers, q/k norms,
+    tied embeddings."""
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=8))
+
+
 # name -> (model factory, quantisation config kwargs, needs a tokenizer)
 CASES = {
     # the paper's format: uniform grid + entropy code, Fisher allocation (needs the tokenizer)
@@ -69,6 +77,9 @@ CASES = {
     # Conv1D -> QuantLinear; Lloyd-Max LUT, fp8 scales (``scales.outer``) and sparse outliers: dotted keys
     "gpt2-lloyd-sparse": (_gpt2, dict(bits=4.5, format="lloyd_max", allocation="uniform", granularity="block",
                                       scale_format="fp8_e4m3", sparse_fraction=0.01), False),
+    # Gemma-3 with the cube-root-density table for a Student-t fit, channel rms scaling
+    "gemma3-cube-root": (_gemma3, dict(bits=4.0, format="cube_root", allocation="uniform", granularity="channel",
+                                       statistic="rms"), False),
 }
 
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
