@@ -6,6 +6,7 @@ Importing the package registers the ``"optquant"`` quantization method with tran
 
 from .config import OptQuantConfig  # noqa: F401
 from .formats import TensorFormat  # noqa: F401
+from .hub import model_card, push_to_hub  # noqa: F401
 from .nn import QuantLinear  # noqa: F401
 from .quantizer import OptQuantHfQuantizer  # noqa: F401  (registers "optquant" with transformers)
 
