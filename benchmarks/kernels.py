@@ -1,25 +1,25 @@
 """Benchmark of the LUT-linear Triton kernels on an 8B-Llama's layer shapes (GPU only).
 
-For every (shape, batch M, bits, block) case it first checks the kernel on the GPU
-against a float64 reference, then times (median, ``triton.testing.do_bench``, which
-flushes L2 before every call; weights additionally rotate over several copies when they
-are small) and reports
+Every case is first checked on the GPU against a float64 reference; times are GPU time
+per call from CUDA-graph replays that rotate over enough weight copies to defeat the
+50 MB L2 (``bench_graph``).  Reported per case:
 
-* achieved GB/s of weight bytes read (codes + scales + LUT) and that bandwidth as a
-  fraction of the HBM bandwidth measured in the same run (device-to-device copy,
-  read + write bytes);
+* GB/s of weight bytes read (codes + scales + LUT) and that bandwidth as a fraction of
+  the HBM bandwidth measured in the same run (device-to-device copy, read + write);
 * the speed-up over bf16 ``torch.nn.functional.linear`` and over torch's int4 tinygemm
-  (``aten._weight_int4pack_mm``, 4-bit only) timed in the same run.
+  (``aten._weight_int4pack_mm``, 4-bit only) timed the same way in the same run.
 
-Usage: ``python benchmarks/kernels.py [--out DIR] [--quick]``; prints a markdown table and
-writes ``kernels.json`` (and the correctness log) under ``--out`` (default ``$OUT`` or
+Modes: ``--mode full`` (default: the RESULTS table, ``auto`` dispatch plus forced
+alternatives), ``--mode explore`` (kernel-variant sweep to choose the defaults; see
+benchmarks/kernels_notes.md), ``--mode sass`` (no GPU: compile for sm_90 and count SASS
+instructions per code in each kernel's main loop), ``--smoke`` (CPU interpreter dry run).
+Prints markdown tables and writes JSON under ``--out`` (default ``$OUT`` or
 ``benchmarks/out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -31,20 +31,48 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if "--smoke" in sys.argv:  # Triton reads this when it is first imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
-LL = importlib.import_module("hf_optquant.kernels.lut_linear")
-from hf_optquant.kernels.reference import lut_linear_reference  # noqa: E402
+
+
+def _load_kernels():
+    """hf_optquant/kernels/{reference,lut_linear}.py as a stand-alone package: importing
+    ``hf_optquant`` itself would pull in transformers (slow, and not needed here)."""
+    import importlib.util
+    import types
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hf_optquant", "kernels")
+    pkg = types.ModuleType("_hfoq_kernels")
+    pkg.__path__ = [root]
+    sys.modules["_hfoq_kernels"] = pkg
+    mods = []
+    for name in ("reference", "lut_linear"):
+        spec = importlib.util.spec_from_file_location(f"_hfoq_kernels.{name}", os.path.join(root, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        mods.append(mod)
+    return mods
+
+
+_REF, LL = _load_kernels()
+lut_linear_reference = _REF.lut_linear_reference
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]  # (N out, K in)
 BATCHES = [1, 4, 16, 64, 256]
 L2_BYTES = 50 * 2**20
+SMOKE = False  # --smoke: CPU + Triton interpreter, tiny shapes (tests this script only)
+T0 = time.time()
+BUDGET = 1e9  # seconds; sections are skipped once exceeded
 
 
 def log(*a):
     print(*a, flush=True)
 
 
-SMOKE = False  # --smoke: CPU + Triton interpreter, tiny shapes (tests this script only)
+def elapsed() -> float:
+    return time.time() - T0
 
 
 def bench(fn, warmup=10, rep=60):
@@ -88,11 +116,10 @@ def bench_graph(call, n_rot, reps=15):
     return sorted(ts)[len(ts) // 2]
 
 
-def make_weight(n, k, bits, block, device, seed=0, lut=None):
+def make_weight(n, k, bits, block, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     codes = torch.randint(0, 2**bits, (n, k), generator=g, device=device, dtype=torch.uint8)
-    if lut is None:
-        lut = torch.sort(torch.randn(2**bits, generator=g, device=device)).values
+    lut = torch.sort(torch.randn(2**bits, generator=g, device=device)).values
     # bf16-representable scales (a quantiser can choose them so): packed losslessly in bf16
     scales = (torch.rand(n, -(-k // block), generator=g, device=device) * 0.02 + 0.005).to(
         torch.bfloat16
@@ -114,69 +141,15 @@ def measure_hbm(device):
     return 2 * n * 4 / (t * 1e-6) / 1e9  # GB/s, read + write
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def correctness_small(device, report):
-    """Odd shapes, every bits, both paths, split-K, on the GPU (default configs, not tuned:
-    few compilations); every call twice: results must be bitwise equal (no races)."""
-    os.environ["HF_OPTQUANT_NO_AUTOTUNE"] = "1"
-    worst = 0.0
-    fails = []
-    n_checks = 0
-    cases = []
-    for bits in (2, 3, 4, 5, 6, 8):
-        cases += [(bits, 37, 200, 64, m, torch.bfloat16, None, None) for m in (1, 17)]
-    for m in (1, 3, 16, 17, 64):
-        for dtype in (torch.bfloat16, torch.float32):
-            for split in (None, 3):
-                cases.append((4, 300, 1100, 32, m, dtype, None, split))
-                if m <= 4:
-                    other = "gemm" if m == 1 else "gemv"
-                    cases.append((4, 300, 1100, 32, m, dtype, other, split))
-    for bits in (3, 4, 8):
-        for m in (1, 16):
-            cases.append((bits, 129, 4096, 128, m, torch.bfloat16, None, None))
-    weights = {}
-    try:
-        for bits, n, k, block, m, dtype, path, split in cases:
-            key = (bits, n, k, block)
-            if key not in weights:
-                codes, lut, scales = make_weight(n, k, bits, block, device, seed=bits * 7 + n)
-                p = LL.pack_lut_weight(codes, lut, scales, bits, block, device=device)
-                weights[key] = (codes, lut, scales, p)
-            codes, lut, scales, p = weights[key]
-            x = torch.randn(m, k, device=device).to(dtype)
-            ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), block)
-            y = LL.lut_linear(x, p, path=path, split_k=split)
-            y2 = LL.lut_linear(x, p, path=path, split_k=split)
-            e = rel_err(y, ref)
-            tol = 1e-2 if dtype == torch.bfloat16 else 2e-5
-            same = bool(torch.equal(y, y2))
-            worst = max(worst, e / tol)
-            n_checks += 1
-            if not (e < tol and same):
-                fails.append((bits, n, k, block, m, str(dtype), path, split, e, same))
-    finally:
-        del os.environ["HF_OPTQUANT_NO_AUTOTUNE"]
-    report["small_checks"] = n_checks
-    report["small_checks_failed"] = fails
-    report["small_checks_worst_err_over_tol"] = worst
-    log(f"small-shape GPU checks: {n_checks} run, {len(fails)} failures, worst err/tol {worst:.3f}")
-    for f in fails[:20]:
-        log("  FAIL", f)
-
-
-def check_tinygemm_layout(device):
-    """Validate the tinygemm call on an int4 grid (lut = i - 8) against our kernel."""
-    n, k, gs = 256, 1024, 128
-    codes, _, scales = make_weight(n, k, 4, gs, device, seed=5)
-    lut = torch.arange(16, device=device, dtype=torch.float32) - 8
-    x = torch.randn(4, k, device=device, dtype=torch.bfloat16)
-    wq, sz = tinygemm_pack(codes, scales, gs)
-    y_t = torch.ops.aten._weight_int4pack_mm(x, wq, gs, sz)
-    ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), gs)
-    return rel_err(y_t, ref)
+def copies_of(p, n_rot, device):
+    return [p] + [
+        LL.PackedLutWeight(
+            qweight=p.qweight.clone(), lut=LL._aligned_lut(p.lut, device), scales=p.scales.clone(),
+            out_features=p.out_features, in_features=p.in_features, bits=p.bits,
+            block_size=p.block_size, scale_block=p.scale_block, sub_k=p.sub_k,
+        )  # fmt: skip
+        for _ in range(n_rot - 1)
+    ]
 
 
 def tinygemm_pack(codes, scales, group):
@@ -190,115 +163,568 @@ def tinygemm_pack(codes, scales, group):
     return wq, sz
 
 
+def check_tinygemm_layout(device):
+    """Validate the tinygemm call on an int4 grid (lut = i - 8) against the reference."""
+    n, k, gs = 256, 1024, 128
+    codes, _, scales = make_weight(n, k, 4, gs, device, seed=5)
+    lut = torch.arange(16, device=device, dtype=torch.float32) - 8
+    x = torch.randn(4, k, device=device, dtype=torch.bfloat16)
+    wq, sz = tinygemm_pack(codes, scales, gs)
+    y_t = torch.ops.aten._weight_int4pack_mm(x, wq, gs, sz)
+    ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), gs)
+    return rel_err(y_t, ref)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def correctness_small(device, report, full=True):
+    """Odd shapes, every bits, every path, split-K, on the GPU (default configs, not
+    tuned: few compilations); every call twice (the second through the cached direct
+    launch): results must be bitwise equal (no races, launch cache correct)."""
+    os.environ["HF_OPTQUANT_NO_AUTOTUNE"] = "1"
+    LL._kernels.cache_clear()
+    worst, fails, n_checks, cases = 0.0, [], 0, []
+    for bits in (2, 3, 4, 5, 6, 8):
+        cases += [(bits, 37, 200, 64, m, torch.bfloat16, None, None, None) for m in ((1, 3, 17) if full else (1, 17))]
+    ms = (1, 2, 3, 4, 16, 17, 64) if full else (1, 2, 4, 17)
+    for m in ms:
+        for dtype in (torch.bfloat16, torch.float32) if full else (torch.bfloat16,):
+            for split in (None, 3):
+                cases.append((4, 300, 1100, 32, m, dtype, None, split, None))
+                if m <= 4:
+                    cases.append((4, 300, 1100, 32, m, dtype, "gemm", split, None))
+                elif m <= 17:
+                    cases.append((4, 300, 1100, 32, m, dtype, "gemv", split, None))
+        cases.append((4, 300, 1100, 32, m, torch.bfloat16, "dequant", None, None))
+        cases.append((3, 300, 1100, 96, m, torch.float16, None, None, None))
+    cases += [
+        (4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 32, "AHEAD": 2, "num_warps": 4}),
+        (4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 128, "AHEAD": 1, "num_warps": 8}),
+        (4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 64, "AHEAD": 1, "num_warps": 4,
+                                                            "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}),
+        (8, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 64, "AHEAD": 1, "num_warps": 4,
+                                                            "COPIES": 1, "SH0": 2, "BIG": False}),
+        (4, 300, 1100, 32, 17, torch.bfloat16, "gemm", None, {"BM": 16, "BN": 64, "J": 4, "num_warps": 4,
+                                                             "SUBDOT": False}),
+        (4, 300, 1100, 32, 17, torch.bfloat16, "gemm", None, {"BM": 16, "BN": 64, "J": 8, "num_warps": 4}),
+        (4, 300, 1100, 128, 300, torch.bfloat16, "gemm", None, {"BM": 256, "BN": 128, "J": 4, "num_warps": 8,
+                                                               "num_stages": 2}),
+        (4, 300, 1100, 128, 300, torch.bfloat16, "gemm", None, {"BM": 128, "BN": 128, "J": 4, "num_warps": 4,
+                                                               "num_stages": 2}),
+    ]  # fmt: skip
+    for bits in (3, 4, 8):
+        for m in (1, 16):
+            cases.append((bits, 129, 4096, 128, m, torch.bfloat16, None, None, None))
+    if not SMOKE:  # inline PTX: GPU only
+        cases.append((4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {
+            "BN": 64, "AHEAD": 1, "num_warps": 4, "LMODE": 1, "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}))
+    weights = {}
+    try:
+        for bits, n, k, block, m, dtype, path, split, cfg in cases:
+            key = (bits, n, k, block)
+            if key not in weights:
+                codes, lut, scales = make_weight(n, k, bits, block, device, seed=bits * 7 + n)
+                p = LL.pack_lut_weight(codes, lut, scales, bits, block, device=device)
+                weights[key] = (codes, lut, scales, p)
+            codes, lut, scales, p = weights[key]
+            x = torch.randn(m, k, device=device).to(dtype)
+            ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), block)
+            try:
+                y = LL.lut_linear(x, p, path=path, split_k=split, config=cfg)
+                y2 = LL.lut_linear(x, p, path=path, split_k=split, config=cfg)
+                e = rel_err(y, ref)
+                same = bool(torch.equal(y, y2))
+            except Exception as ex:
+                e, same = float("inf"), False
+                log("  EXC", (bits, n, k, block, m, str(dtype), path, split, cfg), repr(ex)[:300])
+            tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}.get(dtype, 2e-5)
+            worst = max(worst, e / tol)
+            n_checks += 1
+            if not (e < tol and same):
+                fails.append((bits, n, k, block, m, str(dtype), path, split, str(cfg), e, same))
+    finally:
+        del os.environ["HF_OPTQUANT_NO_AUTOTUNE"]
+        LL._kernels.cache_clear()
+    report["small_checks"] = n_checks
+    report["small_checks_failed"] = fails
+    report["small_checks_worst_err_over_tol"] = worst
+    report["fast_launch_checked"] = dict(LL._FAST_CHECKED)
+    report["gemm_smem_lut"] = LL._GEMM_SMEM_LUT
+    log(f"small-shape GPU checks: {n_checks} run, {len(fails)} failures, worst err/tol {worst:.3f}; "
+        f"direct launch verified: {LL._FAST_CHECKED}; GEMM smem table: {LL._GEMM_SMEM_LUT}")  # fmt: skip
+    for f in fails[:30]:
+        log("  FAIL", f)
+
+
 # ----------------------------------------------------------------------------- timing
 
 
-def best_config(kernel):
-    cfg = getattr(kernel, "best_config", None)
+class Case:
+    """One weight (all copies for rotation) and its baselines, timed for several calls."""
+
+    def __init__(self, n, k, bits, block, device, peers=True):
+        self.n, self.k, self.bits, self.block, self.device = n, k, bits, block, device
+        self.codes, self.lut, self.scales = make_weight(n, k, bits, block, device, seed=n + k + bits + block)
+        p = LL.pack_lut_weight(self.codes, self.lut, self.scales, bits, block, device=device)
+        self.wbytes = p.nbytes
+        self.n_rot = max(1, min(32, math.ceil(4 * L2_BYTES / self.wbytes)))
+        self.packs = copies_of(p, self.n_rot, device)
+        self.w_bf16s = self.tgs = None
+        if peers:
+            w32 = self.lut[self.codes.long()] * self.scales.repeat_interleave(block, dim=1)[:, :k]
+            w_bf16 = w32.to(torch.bfloat16)
+            del w32
+            nb = max(1, min(8, math.ceil(4 * L2_BYTES / (2 * n * k))))
+            self.w_bf16s = [w_bf16] + [w_bf16.clone() for _ in range(nb - 1)]
+            if bits == 4:
+                try:
+                    tg = tinygemm_pack(self.codes, self.scales, block)
+                    nt = max(1, min(32, math.ceil(4 * L2_BYTES / tg[0].numel() / tg[0].element_size())))
+                    self.tgs = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(nt - 1)]
+                except Exception as e:  # pragma: no cover - depends on torch build
+                    log("tinygemm pack failed:", repr(e))
+
+    def x(self, m):
+        return torch.randn(m, self.k, device=self.device, dtype=torch.bfloat16)
+
+    def ref(self, x):
+        return lut_linear_reference(x.double(), self.codes, self.lut.double(), self.scales.double(), self.block)
+
+    def t_bf16(self, x):
+        if self.w_bf16s is None:
+            return None
+        return bench_graph(lambda i: torch.nn.functional.linear(x, self.w_bf16s[i]), len(self.w_bf16s))
+
+    def t_tinygemm(self, x):
+        if self.tgs is None:
+            return None
+        try:
+            return bench_graph(
+                lambda i: torch.ops.aten._weight_int4pack_mm(x, self.tgs[i][0], self.block, self.tgs[i][1]),
+                len(self.tgs),
+            )
+        except Exception as e:  # pragma: no cover
+            log("tinygemm failed:", repr(e))
+            return None
+
+    def run(self, x, path=None, config=None, split=None, check=False, eager=False):
+        """dict with time_us (graph), optional eager_us and rel_err of one kernel variant."""
+        rec = {}
+        y = LL.lut_linear(x, self.packs[0], path=path, config=config, split_k=split)
+        if check:
+            rec["rel_err"] = rel_err(y, self.ref(x))
+        if eager:
+            it = iter(range(10**9))
+            rec["eager_us"] = bench(lambda: LL.lut_linear(x, self.packs[next(it) % self.n_rot], path=path,
+                                                          config=config, split_k=split))  # fmt: skip
+        rec["time_us"] = bench_graph(
+            lambda i: LL.lut_linear(x, self.packs[i], path=path, config=config, split_k=split), self.n_rot
+        )
+        return rec
+
+
+def derived(rec, wbytes, hbm, t_bf16=None, t_tg=None):
+    t = rec["time_us"]
+    rec["weight_bytes"] = wbytes
+    rec["gbps"] = wbytes / (t * 1e-6) / 1e9
+    rec["frac_hbm"] = rec["gbps"] / hbm
+    if t_bf16:
+        rec["t_bf16_us"], rec["speedup_bf16"] = t_bf16, t_bf16 / t
+    if t_tg:
+        rec["t_tinygemm_us"], rec["speedup_tinygemm"] = t_tg, t_tg / t
+    return rec
+
+
+def used_config(path):
+    ks, tuned = LL._kernels(SMOKE, not SMOKE and not os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"))
+    cfg = getattr(ks.get(path), "best_config", None)
     if cfg is None:
         return None
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def run_case(n, k, bits, block, ms, device, hbm, paths_for_m, results, with_peers):
-    codes, lut, scales = make_weight(n, k, bits, block, device, seed=n + k + bits + block)
-    p = LL.pack_lut_weight(codes, lut, scales, bits, block, device=device)
-    wbytes = p.nbytes
-    n_rot = max(1, min(32, math.ceil(4 * L2_BYTES / wbytes)))
-    packs = [p] + [
-        LL.PackedLutWeight(
-            qweight=p.qweight.clone(),
-            lut=LL._aligned_lut(p.lut, device),
-            scales=p.scales.clone(),
-            out_features=p.out_features,
-            in_features=p.in_features,
-            bits=p.bits,
-            block_size=p.block_size,
-            scale_block=p.scale_block,
-            sub_k=p.sub_k,
-        )  # fmt: skip
-        for _ in range(n_rot - 1)
-    ]
-    w_bf16s = None
-    tgs = None
-    if with_peers:
-        w32 = lut[codes.long()] * scales.repeat_interleave(block, dim=1)[:, :k]
-        w_bf16 = w32.to(torch.bfloat16)
-        del w32
-        nb = max(1, min(8, math.ceil(4 * L2_BYTES / (2 * n * k))))
-        w_bf16s = [w_bf16] + [w_bf16.clone() for _ in range(nb - 1)]
-        if bits == 4:
-            try:
-                tg = tinygemm_pack(codes, scales, block)
-                nt = max(1, min(32, math.ceil(4 * L2_BYTES / tg[0].numel() / tg[0].element_size())))
-                tgs = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(nt - 1)]
-            except Exception as e:  # pragma: no cover - depends on torch build
-                log("tinygemm pack failed:", repr(e))
-    gemv_k, gemm_k, _ = LL._kernels(SMOKE, not SMOKE)
-    for m in ms:
-        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        ref = None
-        if m in (ms[0], ms[-1]):
-            ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), block)
-        t_bf16 = None
-        if w_bf16s is not None:
-            t_bf16 = bench_graph(lambda i, x=x: torch.nn.functional.linear(x, w_bf16s[i]), len(w_bf16s))
-        t_tg = None
-        if tgs is not None:
-            try:
-                t_tg = bench_graph(
-                    lambda i, x=x: torch.ops.aten._weight_int4pack_mm(x, tgs[i][0], block, tgs[i][1]),
-                    len(tgs),
-                )
-            except Exception as e:  # pragma: no cover
-                log("tinygemm failed:", repr(e))
-        for path in paths_for_m(m):
-            rec = dict(N=n, K=k, M=m, bits=bits, block=block, path=path or "auto")
-            try:
-                y = LL.lut_linear(x, p, path=path)
-                torch.cuda.synchronize()
-                if ref is not None:
-                    rec["rel_err"] = rel_err(y, ref)
-                it = iter(range(10**9))
+def auto_path(m):
+    if m <= LL.GEMV_MAX_M:
+        return "gemv"
+    if LL.DEQUANT_MIN_M is not None and m >= LL.DEQUANT_MIN_M and not SMOKE:
+        return "dequant"
+    return "gemm"
 
-                def fn(x=x, path=path, it=it):
-                    return LL.lut_linear(x, packs[next(it) % n_rot], path=path)
 
-                t_eager = bench(fn)  # do_bench: L2 flushed, host overhead mostly hidden
-                t = bench_graph(lambda i, x=x, path=path: LL.lut_linear(x, packs[i], path=path), n_rot)
-                used = path or ("gemv" if m <= LL.GEMV_MAX_M else "gemm")
-                rec.update(
-                    used=used,
-                    time_us=t,
-                    eager_us=t_eager,
-                    weight_bytes=wbytes,
-                    gbps=wbytes / (t * 1e-6) / 1e9,
-                    frac_hbm=wbytes / (t * 1e-6) / 1e9 / hbm,
-                    t_bf16_us=t_bf16,
-                    speedup_bf16=(t_bf16 / t) if t_bf16 else None,
-                    t_tinygemm_us=t_tg,
-                    speedup_tinygemm=(t_tg / t) if t_tg else None,
-                    config=best_config(gemv_k if used == "gemv" else gemm_k),
-                    n_rot=n_rot,
-                )
-            except Exception as e:
-                rec["error"] = repr(e)
-                log("ERROR", rec, traceback.format_exc()[-2000:])
-            results.append(rec)
-            log(json.dumps(rec))
+# ----------------------------------------------------------------------------- explore
+
+
+GEMV_VARIANTS = {
+    "pair64a1": {"BN": 64, "AHEAD": 1, "num_warps": 4},
+    "pair64a2": {"BN": 64, "AHEAD": 2, "num_warps": 4},
+    "pair32a2": {"BN": 32, "AHEAD": 2, "num_warps": 4},
+    "pair128a1": {"BN": 128, "AHEAD": 1, "num_warps": 4},
+    "pair128a2w8": {"BN": 128, "AHEAD": 2, "num_warps": 8},
+    "single64a1": {"BN": 64, "AHEAD": 1, "num_warps": 4, "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False},
+}
+SMALLM_VARIANTS = {  # M = 2..16
+    "gemv32a1": ("gemv", {"BN": 32, "AHEAD": 1, "num_warps": 4}),
+    "gemv64a1": ("gemv", {"BN": 64, "AHEAD": 1, "num_warps": 4}),
+    "gemm16x64j4": ("gemm", {"BM": 16, "BN": 64, "J": 4, "num_warps": 4, "num_stages": 2}),
+    "gemm16x64j8": ("gemm", {"BM": 16, "BN": 64, "J": 8, "num_warps": 4, "num_stages": 2}),
+    "gemm16x128j8": ("gemm", {"BM": 16, "BN": 128, "J": 8, "num_warps": 4, "num_stages": 2}),
+    "gemm16x64j4old": ("gemm", {"BM": 16, "BN": 64, "J": 4, "num_warps": 4, "num_stages": 2, "SUBDOT": False}),
+}
+LARGEM_VARIANTS = {  # M = 64, 256
+    "gemm64x128j4w4s3": ("gemm", {"BM": 64, "BN": 128, "J": 4, "num_warps": 4, "num_stages": 3}),
+    "gemm128x128j4w4s2": ("gemm", {"BM": 128, "BN": 128, "J": 4, "num_warps": 4, "num_stages": 2}),
+    "gemm128x128j4w8s3": ("gemm", {"BM": 128, "BN": 128, "J": 4, "num_warps": 8, "num_stages": 3}),
+    "gemm256x128j4w8s2": ("gemm", {"BM": 256, "BN": 128, "J": 4, "num_warps": 8, "num_stages": 2}),
+    "gemm128x256j4w8s2": ("gemm", {"BM": 128, "BN": 256, "J": 4, "num_warps": 8, "num_stages": 2}),
+    "dequant": ("dequant", None),
+}
+
+
+def explore(device, hbm, report, results):
+    block = 128
+    cases = {}
+
+    def case(n, k, bits=4, blk=block, peers=True):
+        key = (n, k, bits, blk)
+        if key not in cases:
+            cases[key] = Case(n, k, bits, blk, device, peers)
+        return cases[key]
+
+    def emit(rec):
+        results.append(rec)
+        log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}))
+
+    def variant(c, m, name, path, cfg, x, t_bf16, t_tg=None, split=None, check=False):
+        rec = dict(section="", N=c.n, K=c.k, M=m, bits=c.bits, block=c.block, variant=name, path=path)
+        try:
+            rec.update(c.run(x, path=path, config=cfg, split=split, check=check))
+            derived(rec, c.wbytes, hbm, t_bf16, t_tg)
+        except Exception as e:
+            rec["error"] = repr(e)[:300]
+            log("ERROR", name, traceback.format_exc()[-1500:])
+        return rec
+
+    # 1. M = 1, 4-bit: GEMV variants, two split targets
+    for n, k in SHAPES:
+        if elapsed() > BUDGET * 0.40:
+            log("budget: skipping rest of M=1 sweep")
+            break
+        for blk in (128, 64):
+            c = case(n, k, 4, blk)
+            x = c.x(1)
+            tb, tt = c.t_bf16(x), c.t_tinygemm(x)
+            for name, cfg in GEMV_VARIANTS.items():
+                for per_sm in ((2, 4) if n * k <= 4096 * 14336 and name in ("pair64a1", "pair64a2") else (4,)):
+                    LL.GEMV_PROGRAMS_PER_SM = per_sm
+                    rec = variant(c, 1, name, "gemv", cfg, x, tb, tt, check=(name == "pair64a1"))
+                    rec.update(section="m1", per_sm=per_sm)
+                    emit(rec)
+            LL.GEMV_PROGRAMS_PER_SM = 4
+        torch.cuda.empty_cache()
+    # 2. other bits at M = 1 (two shapes)
+    for n, k in (SHAPES[3],):
+        for bits in (3, 8):
+            if elapsed() > BUDGET * 0.45:
+                break
+            c = case(n, k, bits, 128, peers=False)
+            x = c.x(1)
+            for name in ("pair64a1", "pair64a2", "pair128a2w8"):
+                cfg = {kk: v for kk, v in GEMV_VARIANTS[name].items()}
+                rec = variant(c, 1, name, "gemv", cfg, x, None)
+                rec.update(section="bits")
+                emit(rec)
+            cases.pop((n, k, bits, 128))
+    # 3. M = 2..16
+    for n, k in (SHAPES[1], SHAPES[3], SHAPES[0]):
+        c = case(n, k, 4, 128)
+        for m in (2, 4, 16):
+            if elapsed() > BUDGET * 0.65:
+                break
+            x = c.x(m)
+            tb, tt = c.t_bf16(x), c.t_tinygemm(x)
+            for name, (path, cfg) in SMALLM_VARIANTS.items():
+                if path == "gemv" and m > 4:
+                    continue
+                rec = variant(c, m, name, path, cfg, x, tb, tt, check=(m == 16))
+                rec.update(section="smallm")
+                emit(rec)
+    # 4. M = 64, 256
+    for n, k in SHAPES:
+        c = case(n, k, 4, 128)
+        for m in (64, 256):
+            if elapsed() > BUDGET * 0.92:
+                break
+            x = c.x(m)
+            tb, tt = c.t_bf16(x), None
+            for name, (path, cfg) in LARGEM_VARIANTS.items():
+                rec = variant(c, m, name, path, cfg, x, tb, tt, check=(name == "dequant" or m == 256))
+                rec.update(section="largem")
+                emit(rec)
+        torch.cuda.empty_cache()
+    # 5. eager host overhead (cached direct launch vs the normal path), M=1
+    n, k = SHAPES[0]
+    c = case(n, k, 4, 128)
+    x = c.x(1)
+    calls = 3 if SMOKE else 300
+    for fast in (True, False):
+        LL._FAST_LAUNCH = fast
+        for i in range(c.n_rot):
+            LL.lut_linear(x, c.packs[i])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(calls):
+            LL.lut_linear(x, c.packs[i % c.n_rot])
+        torch.cuda.synchronize()
+        emit(dict(section="eager", N=n, K=k, M=1, fast_launch=fast,
+                  host_us_per_call=(time.perf_counter() - t) / calls * 1e6))  # fmt: skip
+    LL._FAST_LAUNCH = True
+
+
+# ----------------------------------------------------------------------------- sass
+
+
+SASS_VARIANTS = [  # (label, path, bits, block, M, format/table overrides, config, num_warps, num_stages)
+    ("gemv pair BN=64", "gemv", 4, 128, 1, {}, {"BN": 64, "AHEAD": 1}, 4, 1),
+    ("gemv pair BN=64 ahead 2", "gemv", 4, 128, 1, {}, {"BN": 64, "AHEAD": 2}, 4, 1),
+    ("gemv pair BN=128", "gemv", 4, 128, 1, {}, {"BN": 128, "AHEAD": 1}, 4, 1),
+    ("gemv pair BN=128 w8", "gemv", 4, 128, 1, {}, {"BN": 128, "AHEAD": 2}, 8, 1),
+    ("gemv single BN=64", "gemv", 4, 128, 1, {"PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False},
+     {"BN": 64, "AHEAD": 1}, 4, 1),
+    ("gemv 3-bit BN=64", "gemv", 3, 128, 1, {}, {"BN": 64, "AHEAD": 1}, 4, 1),
+    ("gemv 8-bit BN=64 (32 copies)", "gemv", 8, 128, 1, {}, {"BN": 64, "AHEAD": 1}, 4, 1),
+    ("gemv BM=2 BN=64", "gemv", 4, 128, 2, {"BM": 2}, {"BN": 64, "AHEAD": 1}, 4, 1),
+    ("gemv BM=4 BN=32", "gemv", 4, 128, 4, {"BM": 4}, {"BN": 32, "AHEAD": 1}, 4, 1),
+    ("gemm BM=16 BN=64 J=4 subdot", "gemm", 4, 128, 16, {}, {"BM": 16, "BN": 64, "J": 4, "SUBDOT": True}, 4, 2),
+    ("gemm BM=16 BN=64 J=8 subdot", "gemm", 4, 128, 16, {}, {"BM": 16, "BN": 64, "J": 8, "SUBDOT": True}, 4, 2),
+    ("gemm BM=16 BN=64 J=4 one-dot", "gemm", 4, 128, 16, {}, {"BM": 16, "BN": 64, "J": 4, "SUBDOT": False}, 4, 2),
+    ("gemm BM=16 BN=64 J=4 one-dot, global table", "gemm", 4, 128, 16, {"LMODE": 1},
+     {"BM": 16, "BN": 64, "J": 4, "SUBDOT": False}, 4, 2),
+    ("gemm BM=128 BN=128 J=4 subdot w8", "gemm", 4, 128, 256, {}, {"BM": 128, "BN": 128, "J": 4, "SUBDOT": True},
+     8, 3),
+    ("gemm BM=128 BN=128 J=4 one-dot w8", "gemm", 4, 128, 256, {},
+     {"BM": 128, "BN": 128, "J": 4, "SUBDOT": False}, 8, 3),
+]
+
+
+def _sass_loop_ops(sass: str):
+    """Instructions in the largest loop (the body between a label and its backward branch)."""
+    import re
+
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
+    best = None
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", ln)
+        backward = m and m.group(1) in labels and labels[m.group(1)] < i
+        if backward and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
+            best = (labels[m.group(1)], i)
+    if best is None:
+        return None
+    ops = [m.group(1) for ln in lines[best[0] : best[1] + 1]
+           if (m := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln))]  # fmt: skip
+    return ops
+
+
+def sass_report(out_dir):
+    """Compile kernel variants for sm_90 (no GPU needed: Triton's bundled ptxas/nvdisasm) and
+    count SASS instructions per code in the main loop: the issue-rate side of the roofline."""
+    import re
+    import subprocess
+    from collections import Counter
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    rows = []
+    for label, path, bits, block, m, over, cfg, nw, st in SASS_VARIANTS:
+        k, n = 4096, 128256
+        codes = torch.zeros(2, 512, dtype=torch.uint8)
+        p = LL.pack_lut_weight(codes, torch.arange(2.0**bits), torch.ones(2, 512 // block), bits, block)
+        meta = LL._format_meta(p, k)
+        tm = LL._table_meta(p, path, False)
+        tm["LMODE"] = 2
+        meta.update(tm)
+        ng, ldw, lds = k // 512, (k // 512) * bits * 16, k // block
+        if path == "gemv":
+            meta.update(SPLIT=False, KMAJOR=LL._gemv_kmajor(), BM=1)
+        else:
+            for name in ("COPIES", "PAIR", "BIG"):
+                meta.pop(name)
+            meta.update(SPLIT=False, DOT_IEEE=False)
+        meta.update(over)
+        meta.update(cfg)
+        args = dict(x_ptr="*bf16", w_ptr="*i32", lut_ptr="*fp32", s_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
+                    cnt_ptr="*i32", M=m, N=n, K=k, stride_xm=k, stride_ym=n, ldw=ldw, lds=lds, n_groups=ng,
+                    n_split=1, M_KEY=m)  # fmt: skip
+        names = LL._param_names(path)
+        sig, attrs, consts = {}, {}, {}
+        for i, name in enumerate(names):
+            if name in meta:
+                sig[name] = "constexpr"
+                consts[name] = meta[name]
+                continue
+            v = args[name]
+            if isinstance(v, str):
+                sig[name], attrs[(i,)] = v, [["tt.divisibility", 16]]
+            elif v == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = triton.compiler.ASTSource(LL._JITFunction(LL._RAW[path]), sig, constexprs=consts, attrs=attrs)
+        row = dict(label=label, path=path, bits=bits, M=m, num_warps=nw)
+        try:
+            ker = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=st))
+            cub = os.path.join(out_dir, "k.cubin")
+            with open(cub, "wb") as f:
+                f.write(ker.asm["cubin"])
+            sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cub], capture_output=True, text=True).stdout
+            res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cub], capture_output=True,
+                                 text=True).stdout  # fmt: skip
+            mres = re.search(r"REG:(\d+) STACK:(\d+)", res)
+            ops = _sass_loop_ops(sass) or []
+            threads = nw * 32
+            # GEMV: one group (512 codes per row) per iteration; GEMM: one K step of J*16
+            codes_per_iter = cfg["BN"] * (512 if path == "gemv" else cfg["J"] * 16) // threads
+            hist = Counter(o for o in ops)
+            row.update(regs=int(mres.group(1)), stack=int(mres.group(2)), loop_instr=len(ops),
+                       codes_per_thread=codes_per_iter, instr_per_code=len(ops) / codes_per_iter,
+                       top=dict(hist.most_common(6)))  # fmt: skip
+        except Exception as e:
+            row["error"] = repr(e)[:200]
+        rows.append(row)
+        log(json.dumps(row))
+    log()
+    log(f"SASS (sm_90, Triton {triton.__version__}), main loop of each kernel; 4-bit unless noted, block 128")
+    log("| variant | warps | regs | spill bytes | loop instr | codes/thread/iter | instr/code | top ops |")
+    log("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            log(f"| {r['label']} | {r['num_warps']} | ERROR {r['error'][:80]} | | | | | |")
+            continue
+        top = ", ".join(f"{k} {v}" for k, v in r["top"].items())
+        log(f"| {r['label']} | {r['num_warps']} | {r['regs']} | {r['stack']} | {r['loop_instr']} | "
+            f"{r['codes_per_thread']} | {r['instr_per_code']:.2f} | {top} |")  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- full
+
+
+def run_full(device, hbm, report, results, shapes):
+    for n, k in shapes:
+        for block in (64, 128):
+            if elapsed() > BUDGET:
+                log("budget exceeded: stopping")
+                return
+            c = Case(n, k, 4, block, device)
+            for m in BATCHES:
+                x = c.x(m)
+                ref_needed = m in (BATCHES[0], BATCHES[-1])
+                tb, tt = c.t_bf16(x), c.t_tinygemm(x)
+                # alternatives to the auto dispatch, timed for the record (and to revisit it)
+                forced = {1: ["gemm"], 4: ["gemv"], 16: ["gemv"], 64: ["dequant"], 256: ["dequant"]}.get(m, [])
+                forced = [f for f in forced if f != auto_path(m)]
+                for path in [None, *forced]:
+                    rec = dict(N=n, K=k, M=m, bits=4, block=block, path=path or "auto")
+                    try:
+                        rec.update(c.run(x, path=path, check=ref_needed, eager=(path is None)))
+                        used = path or auto_path(m)
+                        rec.update(used=used, config=used_config(used) if used != "dequant" else None)
+                        derived(rec, c.wbytes, hbm, tb, tt)
+                    except Exception as e:
+                        rec["error"] = repr(e)[:300]
+                        log("ERROR", rec, traceback.format_exc()[-1500:])
+                    results.append(rec)
+                    log(json.dumps(rec))
+            for bits in (3, 8):
+                cb = Case(n, k, bits, block, device, peers=False)
+                x = cb.x(1)
+                rec = dict(N=n, K=k, M=1, bits=bits, block=block, path="auto")
+                try:
+                    rec.update(cb.run(x, check=True, eager=True), used="gemv", config=used_config("gemv"))
+                    derived(rec, cb.wbytes, hbm, c.t_bf16(x))
+                except Exception as e:
+                    rec["error"] = repr(e)[:300]
+                results.append(rec)
+                log(json.dumps(rec))
+                del cb
+            del c
+            torch.cuda.empty_cache()
+            log(f"shape {n}x{k} block {block} done at {elapsed():.0f}s")
+
+
+def print_table(report, results):
+    log()
+    log(f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
+        f"measured copy bandwidth {report['hbm_copy_gbps']:.0f} GB/s")  # fmt: skip
+    hdr = ("| N x K | M | bits | block | kernel | us | eager us | weight GB/s | % HBM | bf16 us "
+           "| x bf16 | tinygemm us | x tinygemm | rel err |")  # fmt: skip
+    log(hdr)
+    log("|" + "---|" * (hdr.count("|") - 1))
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    for r in results:
+        name = r.get("used", r.get("path"))
+        if r.get("path") not in (None, "auto"):
+            name = f"{name} (forced)"
+        if "error" in r:
+            log(f"| {r['N']}x{r['K']} | {r['M']} | {r['bits']} | {r['block']} | {name} | ERROR {r['error'][:60]} |")
+            continue
+        log(
+            f"| {r['N']}x{r['K']} | {r['M']} | {r['bits']} | {r['block']} | {name} | "
+            f"{r['time_us']:.1f} | {f(r.get('eager_us'), '.1f')} | {r['gbps']:.0f} | "
+            f"{100 * r['frac_hbm']:.0f} | "
+            f"{f(r.get('t_bf16_us'), '.1f')} | {f(r.get('speedup_bf16'), '.2f')} | "
+            f"{f(r.get('t_tinygemm_us'), '.1f')} | {f(r.get('speedup_tinygemm'), '.2f')} | "
+            f"{f(r.get('rel_err'), '.1e')} |"
+        )
+
+
+def print_explore(results):
+    log()
+    log("| section | N x K | M | bits | block | variant | per_sm | us | % HBM | x bf16 | x tinygemm | rel err |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if r.get("section") == "eager":
+            log(f"| eager | {r['N']}x{r['K']} | 1 | 4 | 128 | fast_launch={r['fast_launch']} | | "
+                f"host {r['host_us_per_call']:.1f} us/call | | | | |")  # fmt: skip
+            continue
+        if "error" in r:
+            log(f"| {r['section']} | {r['N']}x{r['K']} | {r['M']} | {r['bits']} | {r['block']} | {r['variant']} "
+                f"| | ERROR {r['error'][:50]} | | | | |")  # fmt: skip
+            continue
+        sb, st, re_ = r.get("speedup_bf16"), r.get("speedup_tinygemm"), r.get("rel_err")
+        log(f"| {r['section']} | {r['N']}x{r['K']} | {r['M']} | {r['bits']} | {r['block']} | {r['variant']} | "
+            f"{r.get('per_sm', '')} | {r['time_us']:.1f} | {100 * r['frac_hbm']:.0f} | "
+            f"{'' if sb is None else f'{sb:.2f}'} | {'' if st is None else f'{st:.2f}'} | "
+            f"{'' if re_ is None else f'{re_:.1e}'} |")  # fmt: skip
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    ap.add_argument("--mode", choices=("full", "explore", "sass"), default="full")
     ap.add_argument("--quick", action="store_true", help="first shape only")
-    ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds before sections are skipped")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter dry run of this script")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    global SMOKE, SHAPES, BATCHES
+    global SMOKE, SHAPES, BATCHES, BUDGET
+    if args.mode == "sass":  # static analysis: no GPU, no interpreter
+        rows = sass_report(args.out)
+        with open(os.path.join(args.out, "kernels_sass.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return
+    BUDGET = args.budget
     if args.smoke:
-        SMOKE, SHAPES, BATCHES = True, [(40, 1024)], [1, 4, 17]
+        SMOKE, SHAPES, BATCHES = True, [(40, 1024)] * (4 if args.mode == "explore" else 1), [1, 4, 17]
         os.environ["TRITON_INTERPRET"] = "1"
         device = torch.device("cpu")
         torch.cuda.synchronize = torch.cuda.empty_cache = lambda *a, **k: None
@@ -308,100 +734,49 @@ def main():
 
     report = dict(
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        mode=args.mode,
         device="cpu" if SMOKE else torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
         sms=0 if SMOKE else torch.cuda.get_device_properties(0).multi_processor_count,
         gemv_kmajor=LL._gemv_kmajor(),
+        gemv_max_m=LL.GEMV_MAX_M,
+        dequant_min_m=LL.DEQUANT_MIN_M,
     )
-    t0 = time.time()
     hbm = measure_hbm(device)
     report["hbm_copy_gbps"] = hbm
     log(f"{report['device']} torch {torch.__version__} triton {triton.__version__}: "
         f"copy bandwidth {hbm:.0f} GB/s (read+write)")  # fmt: skip
-    try:
-        report["tinygemm_check_rel_err"] = check_tinygemm_layout(device)
-        log("tinygemm layout check rel err", report["tinygemm_check_rel_err"])
-    except Exception as e:
-        report["tinygemm_check_rel_err"] = repr(e)
-        log("tinygemm check failed", repr(e))
-    if not args.skip_small:
+    if not SMOKE:
         try:
-            correctness_small(device, report)
+            report["tinygemm_check_rel_err"] = check_tinygemm_layout(device)
+            log("tinygemm layout check rel err", report["tinygemm_check_rel_err"])
+        except Exception as e:
+            report["tinygemm_check_rel_err"] = repr(e)
+            log("tinygemm check failed", repr(e))
+    if not args.skip_checks:
+        try:
+            correctness_small(device, report, full=args.mode == "full")
         except Exception as e:  # e.g. a launch error
-            log("small checks raised:", repr(e))
+            log("small checks raised:", repr(e), traceback.format_exc()[-2000:])
             report["small_checks_failed"] = [repr(e)]
-        if report["small_checks_failed"] and LL._ASM_LUT_MODE == 2 and not SMOKE:
-            log("failures with the shared-memory LUT: retrying with LUT mode 1 (ld.global.nc)")
-            report["lut_mode2_failures"] = report["small_checks_failed"]
-            LL._ASM_LUT_MODE = 1
-            LL._kernels.cache_clear()
-            correctness_small(device, report)
-    report["lut_mode"] = LL._ASM_LUT_MODE
-    log(f"checks done at {time.time() - t0:.0f}s")
-
+    log(f"checks done at {elapsed():.0f}s")
     results = []
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    for n, k in shapes:
-        for block in (64, 128):
-            run_case(n, k, 4, block, BATCHES, device, hbm,
-                     lambda m: [None, "gemm"] if m == 1 else ([None, "gemv"] if m == 4 else [None]),
-                     results, with_peers=True)  # fmt: skip
-            for bits in (3, 8):
-                run_case(n, k, bits, block, [1], device, hbm, lambda m: [None], results,
-                         with_peers=True)  # fmt: skip
-            torch.cuda.empty_cache()
-            log(f"shape {n}x{k} block {block} done at {time.time() - t0:.0f}s")
-            with open(os.path.join(args.out, "kernels.json"), "w") as f:
-                json.dump(dict(report=report, results=results), f, indent=1)
-    report["elapsed_s"] = time.time() - t0
-    with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump(dict(report=report, results=results), f, indent=1)
-    print_table(report, results)
-
-
-def save_triton_cache(out):
-    """Tar Triton's cache (compiled kernels + autotuning results) under out, if small:
-    a later run on a fresh machine can unpack it and skip compilation and tuning."""
-    import tarfile
-
-    cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
-    if SMOKE or not os.path.isdir(cache):
-        return
-    path = os.path.join(out, "triton_cache.tgz")
-    with tarfile.open(path, "w:gz") as tf:
-        tf.add(cache, arcname="cache")
-    if os.path.getsize(path) > 15 * 2**20:
-        os.remove(path)
-        log("triton cache too large to return")
-
-
-def print_table(report, results):
-    log()
-    log(f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
-        f"measured copy bandwidth {report['hbm_copy_gbps']:.0f} GB/s")  # fmt: skip
-    hdr = ("| N x K | M | bits | block | path | us | eager us | weight GB/s | % HBM | bf16 us "
-           "| x bf16 | tinygemm us | x tinygemm | rel err |")  # fmt: skip
-    log(hdr)
-    log("|" + "---|" * (hdr.count("|") - 1))
-    for r in results:
-        if "error" in r:
-            log(f"| {r['N']}x{r['K']} | {r['M']} | {r['bits']} | {r['block']} | {r['path']} | "
-                f"ERROR {r['error'][:60]} |")  # fmt: skip
-            continue
-
-        def f(v, fmt):
-            return "" if v is None else format(v, fmt)
-
-        log(
-            f"| {r['N']}x{r['K']} | {r['M']} | {r['bits']} | {r['block']} | {r['used']} | "
-            f"{r['time_us']:.1f} | {r['eager_us']:.1f} | {r['gbps']:.0f} | "
-            f"{100 * r['frac_hbm']:.0f} | "
-            f"{f(r['t_bf16_us'], '.1f')} | {f(r['speedup_bf16'], '.2f')} | "
-            f"{f(r['t_tinygemm_us'], '.1f')} | {f(r['speedup_tinygemm'], '.2f')} | "
-            f"{f(r.get('rel_err'), '.1e')} |"
-        )
+    out_json = os.path.join(args.out, f"kernels_{args.mode}.json")
+    try:
+        if args.mode == "explore":
+            explore(device, hbm, report, results)
+        else:
+            run_full(device, hbm, report, results, SHAPES[:1] if args.quick else SHAPES)
+    finally:
+        report["elapsed_s"] = elapsed()
+        with open(out_json, "w") as f:
+            json.dump(dict(report=report, results=results), f, indent=1)
+    if args.mode == "explore":
+        print_explore(results)
+    else:
+        print_table(report, results)
 
 
 if __name__ == "__main__":

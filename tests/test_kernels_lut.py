@@ -2,7 +2,10 @@
 
 TRITON_INTERPRET=1 is set before anything imports Triton; the kernels pick interpreter or
 compiler when called (see ``hf_optquant.kernels.lut_linear._kernels``), so the order in
-which test modules import Triton does not matter.
+which test modules import Triton does not matter.  The GPU-only pieces (inline-PTX table
+reads, the shared-memory tables) are exercised by ``benchmarks/kernels.py`` on a GPU; here
+every kernel runs its ``LMODE 0`` twin, which computes the same table offsets (pair bytes
+included) and reads them with ``tl.load``.
 """
 
 from __future__ import annotations
@@ -67,18 +70,19 @@ def rel_err(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def check(n, k, bits, block, m, dtype, *, path=None, split_k=None, seed=0, x_shape=None):
+def check(n, k, bits, block, m, dtype, *, path=None, split_k=None, seed=0, x_shape=None, config=None):
     codes, lut, scales = make_weight(n, k, bits, block, seed)
     p = pack_lut_weight(codes, lut, scales, bits, block)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*(x_shape or (m,)), k, generator=g).to(dtype)
-    y = lut_linear(x, p, path=path, split_k=split_k)
+    y = lut_linear(x, p, path=path, split_k=split_k, config=config)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
     ref64 = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), block)
     ref = lut_linear_reference(x, codes, lut, scales, block)
     err64, err = rel_err(y, ref64), rel_err(y, ref)
-    assert err64 < TOL[dtype], (err64, n, k, bits, block, m, dtype, path, split_k)
-    assert err < 2 * TOL[dtype], (err, n, k, bits, block, m, dtype, path, split_k)
+    ctx = (n, k, bits, block, m, dtype, path, split_k, config)
+    assert err64 < TOL[dtype], (err64, ctx)
+    assert err < 2 * TOL[dtype], (err, ctx)
     return err64
 
 
@@ -93,7 +97,7 @@ def test_pack_roundtrip(bits, n, k, block):
     assert isinstance(p, PackedLutWeight)
     assert p.qweight.dtype == torch.int32
     assert p.qweight.shape == (n, p.n_groups * bits * p.sub_k)
-    assert p.lut.data_ptr() % (4 * 2**bits) == 0  # aligned to its size (LUT_OR lookups)
+    assert p.lut.data_ptr() % (4 * 2**bits) == 0  # aligned to its size (LMODE 1 lookups)
     c2, l2, s2 = unpack_lut_weight(p)
     assert torch.equal(c2, codes) and c2.dtype == torch.uint8
     assert torch.equal(l2, lut)
@@ -115,6 +119,12 @@ def test_pack_layout_contract():
         word = w[row, g * bits * c + q * c + t].item()
         kk = g * 32 * c + (q * (32 // bits) + j) * c + t
         assert (word >> (j * bits)) & 15 == codes[row, kk].item()
+    # 4 bits: byte u of a word = the codes of sub-slots 2u (low nibble) and 2u + 1 (pair table)
+    word = w[1, 2 * c + 7].item()  # row 1, chunk 2, word 7
+    for u in range(4):
+        byte = (word >> (8 * u)) & 255
+        assert byte & 15 == codes[1, (16 + 2 * u) * c + 7].item()
+        assert byte >> 4 == codes[1, (16 + 2 * u + 1) * c + 7].item()
     # 3 bits = 2-bit plane (2 chunks) then 1-bit plane (1 chunk)
     codes3, lut3, scales3 = make_weight(1, 512, 3, 64, seed=4)
     p3 = pack_lut_weight(codes3, lut3, scales3, 3, 64)
@@ -139,21 +149,34 @@ def test_pack_scale_dtypes_and_blocks():
 
 def test_pack_errors():
     codes, lut, scales = make_weight(4, 64, 4, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bits"):
         pack_lut_weight(codes, lut, scales, 7, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="scales"):
         pack_lut_weight(codes, lut, scales[:, :1], 4, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lut"):
         pack_lut_weight(codes, lut[:8], scales, 4, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="codes"):
         pack_lut_weight(codes | 16, lut, scales, 4, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="block_size"):
         pack_lut_weight(codes, lut, torch.randn(4, 8), 4, 8)  # block < 16 (and < K)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        pack_lut_weight(codes, lut, scales, 4, 32, scale_dtype=torch.int8)
     p = pack_lut_weight(codes, lut, scales, 4, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="features"):
         lut_linear(torch.randn(2, 63), p)
     with pytest.raises(TypeError):
         lut_linear(torch.randn(2, 64).double(), p)
+    with pytest.raises(ValueError, match="path"):
+        lut_linear(torch.randn(2, 64), p, path="gemmv")
+
+
+def test_packed_to_drops_launch_cache():
+    codes, lut, scales = make_weight(4, 64, 4, 32)
+    p = pack_lut_weight(codes, lut, scales, 4, 32)
+    p._launch_cache["k"] = "v"
+    q = p.to("cpu")
+    assert q._launch_cache == {} and p._launch_cache == {"k": "v"}
+    assert torch.equal(q.qweight, p.qweight) and q.lut.data_ptr() % 64 == 0
 
 
 # ------------------------------------------------------------------------- kernels
@@ -161,9 +184,10 @@ def test_pack_errors():
 
 @needs_triton
 @pytest.mark.parametrize("bits", ALL_BITS)
-def test_every_bits_gemv_and_gemm(bits):
+def test_every_bits_gemv_gemm_dequant(bits):
     check(37, 200, bits, 64, 1, torch.bfloat16)  # GEMV, K and N off every tile
     check(37, 200, bits, 64, 17, torch.float32, path="gemm")  # tl.dot path, fp32 exact
+    check(37, 600, bits, 32, 2, torch.float32, path="dequant", seed=bits)  # scratch + matmul
 
 
 @needs_triton
@@ -173,7 +197,15 @@ def test_batches_bf16(m):
 
 
 @needs_triton
-@pytest.mark.parametrize("m,path", [(1, "gemv"), (2, "gemv"), (3, "gemv"), (5, "gemm")])
+@pytest.mark.parametrize("m", [2, 3, 6])
+def test_gemv_rows(m):
+    """Multi-row GEMV programs (BM = 2 / 4): partial last tile and several row tiles."""
+    check(29, 600, 4, 128, m, torch.float32, path="gemv", seed=m)
+    check(29, 600, 5, 64, m, torch.float32, path="gemv", seed=m + 20)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,path", [(1, "gemv"), (2, "gemv"), (3, "gemm"), (5, "gemm")])
 def test_fp32_matches_reference_tightly(m, path):
     check(29, 700, 4, 128, m, torch.float32, path=path, seed=7)
 
@@ -189,7 +221,7 @@ def test_split_k(m, path, split):
 
 
 @needs_triton
-@pytest.mark.parametrize("block", [32, 128, 256, 96, "K"])
+@pytest.mark.parametrize("block", [16, 32, 128, 256, 96, "K"])
 def test_block_sizes(block):
     k = 600
     bs = k if block == "K" else block
@@ -203,24 +235,127 @@ def test_fp16_and_leading_dims():
     check(37, 200, 6, 64, 0, torch.float16, x_shape=(3, 7), path="gemm")
 
 
+GEMV_CONFIGS = [
+    {"BN": 16, "AHEAD": 2, "num_warps": 4},  # 3 N tiles, prefetch 2 chunks ahead (crosses groups)
+    {"BN": 32, "AHEAD": 1, "num_warps": 4},
+    {"BN": 64, "AHEAD": 1, "num_warps": 4, "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False},
+    {"BN": 64, "AHEAD": 2, "num_warps": 4, "PAIR": True, "COPIES": 4, "SH0": 5, "BIG": True},  # lane copies
+]
+
+
 @needs_triton
-def test_plain_lookup_and_tile_shapes(monkeypatch):
-    monkeypatch.setattr(LL, "_NO_LUT_OR", True)
-    check(37, 200, 5, 64, 1, torch.float32)
-    monkeypatch.setattr(LL, "_NO_LUT_OR", False)
-    monkeypatch.setattr(LL, "GEMV_DEFAULT", {"BN": 16, "num_warps": 4})
-    monkeypatch.setattr(LL, "GEMM_DEFAULT_SMALL", {"BM": 16, "BN": 32, "J": 1, "num_warps": 4})
-    check(37, 200, 4, 32, 1, torch.float32)  # 3 N tiles
-    check(37, 200, 4, 32, 9, torch.float32)  # J = 1 (K step 16 < block)
-    monkeypatch.setattr(LL, "GEMM_DEFAULT_SMALL", {"BM": 16, "BN": 32, "J": 4, "num_warps": 4})
-    check(37, 200, 8, 32, 9, torch.float32)  # J = 4: two scale blocks per K step
-    monkeypatch.setenv("HF_OPTQUANT_GEMV_KMAJOR", "1")
-    LL._gemv_kmajor.cache_clear()
-    try:
-        check(37, 200, 3, 64, 1, torch.float32)  # the other GEMV tile orientation
-    finally:
-        monkeypatch.delenv("HF_OPTQUANT_GEMV_KMAJOR")
-        LL._gemv_kmajor.cache_clear()
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS)
+def test_gemv_variants(cfg):
+    """Tile sizes, chunk prefetch distance and table variants (pair / single, copies)."""
+    check(37, 600, 4, 32, 1, torch.float32, path="gemv", config=dict(cfg), seed=17)
+    if cfg.get("PAIR") is not True:
+        check(21, 600, 3, 64, 3, torch.float32, path="gemv", config=dict(cfg), seed=18)
+
+
+GEMM_CONFIGS = [
+    {"BM": 16, "BN": 32, "J": 1, "num_warps": 4},  # K step 16 < scale block
+    {"BM": 16, "BN": 32, "J": 4, "num_warps": 4},
+    {"BM": 16, "BN": 32, "J": 8, "num_warps": 4},  # one whole 4-bit chunk per step
+    {"BM": 32, "BN": 64, "J": 2, "num_warps": 4, "SUBDOT": False},  # one dot per step
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", GEMM_CONFIGS)
+def test_gemm_variants(cfg):
+    check(37, 600, 4, 32, 9, torch.float32, path="gemm", config=dict(cfg), seed=19)
+    check(37, 600, 4, 16, 9, torch.float32, path="gemm", config=dict(cfg), seed=20)  # several scales/step
+    if cfg["J"] <= 4:
+        check(37, 600, 8, 64, 9, torch.float32, path="gemm", config=dict(cfg), seed=21)
+
+
+@needs_triton
+def test_dequant_scratch_reuse():
+    """The scratch buffer grows to the largest layer and is shared; results stay exact."""
+    LL._SCRATCH.clear()
+    small = check(11, 100, 4, 32, 3, torch.float32, path="dequant", seed=31)
+    large = check(50, 1300, 4, 64, 3, torch.float32, path="dequant", seed=32)
+    again = check(11, 100, 4, 32, 3, torch.float32, path="dequant", seed=31)
+    assert small == again and large < TOL[torch.float32]
+    assert len(LL._SCRATCH) == 1 and next(iter(LL._SCRATCH.values())).numel() == 50 * 1300
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: its launcher runs the interpreted kernel."""
+
+    function, packed_metadata = 0, None
+
+    def __init__(self, interp, names):
+        self.interp, self.names, self.launches = interp, names, 0
+
+    def run(self, g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+        assert len(args) == len(self.names)
+        self.launches += 1
+        kw = dict(zip(self.names, args))
+        kw.pop("num_warps", None)
+        self.interp[(g0, g1, g2)](**kw)
+
+
+class _FakeKernel:
+    """Stands in for a jitted kernel: normal launches run the interpreted kernel."""
+
+    def __init__(self, interp, path):
+        self.interp, self.path, self.compiled = interp, path, None
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.interp[grid](*args, **kwargs)
+            self.compiled = self.compiled or _FakeCompiled(self.interp, LL._param_names(self.path))
+            return self.compiled
+
+        return call
+
+
+@needs_triton
+@pytest.mark.parametrize("path,m,split", [("gemv", 1, None), ("gemv", 3, 2), ("gemm", 5, 2)])
+def test_direct_launch_record(monkeypatch, path, m, split):
+    """Eager calls replay a cached launch record through the launcher: its argument order
+    must match the kernel signature (checked by running it and comparing)."""
+    interp, _ = LL._kernels(True)
+    fake = {name: _FakeKernel(k, name) for name, k in interp.items()}
+    monkeypatch.setattr(LL, "_kernels", lambda interpret, tune=True: (fake, False))
+    monkeypatch.setattr(LL, "_ASM_LUT_MODE", 0)  # table reads the interpreter can run
+    monkeypatch.setattr(LL, "_current_stream", lambda device: 0)
+    monkeypatch.setattr(LL, "_FAST_CHECKED", {})
+    codes, lut, scales = make_weight(40, 600, 4, 64, seed=41)
+    p = pack_lut_weight(codes, lut, scales, 4, 64)
+    for i in range(3):
+        x = torch.randn(m, 600, generator=torch.Generator().manual_seed(50 + i))
+        y = LL._run_fused(path, x, p, split, None, False)  # as on a GPU: compiled, not interpreted
+        ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), 64)
+        assert rel_err(y, ref) < 1e-5
+    assert {path: True} == LL._FAST_CHECKED
+    assert len(p._launch_cache) == 1
+    assert fake[path].compiled.launches == 3  # the check after call 1, then calls 2 and 3
+
+
+@needs_triton
+def test_gemm_smem_table_fallback(monkeypatch):
+    """A launch failure of the GEMM with its table in shared memory switches to global."""
+    seen = []
+
+    class Failing:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                seen.append(kwargs["LMODE"])
+                if kwargs["LMODE"] == 2:
+                    raise RuntimeError("Triton Error [CUDA]: invalid argument")
+                return None
+
+            return call
+
+    monkeypatch.setattr(LL, "_kernels", lambda interpret, tune=True: ({"gemm": Failing()}, False))
+    monkeypatch.setattr(LL, "_GEMM_SMEM_LUT", True)
+    monkeypatch.setattr(LL, "_ASM_LUT_MODE", 2)
+    codes, lut, scales = make_weight(8, 64, 4, 32)
+    p = pack_lut_weight(codes, lut, scales, 4, 32)
+    LL._run_fused("gemm", torch.randn(5, 64), p, None, None, False)
+    assert seen == [2, 1] and LL._GEMM_SMEM_LUT is False
 
 
 def test_torch_fallback_without_interpreter(monkeypatch):

@@ -5,6 +5,7 @@
 """
 
 from .lut_linear import (
+    DEQUANT_MIN_M,
     GEMV_MAX_M,
     HAS_TRITON,
     PackedLutWeight,
@@ -16,6 +17,7 @@ from .lut_linear import (
 from .reference import dequantize_reference, lut_linear_reference
 
 __all__ = [
+    "DEQUANT_MIN_M",
     "GEMV_MAX_M",
     "HAS_TRITON",
     "PackedLutWeight",

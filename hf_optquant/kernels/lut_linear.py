@@ -23,28 +23,49 @@ then those of plane 1: ``bits * C`` contiguous words (``bits * 64`` bytes).
 So one coalesced ``[rows, C]`` load of a chunk, shifted by ``j*b`` and masked, yields
 the codes of a *contiguous* run of C values of k for every row: the kernels never
 shuffle codes between threads, every shift is uniform, and 3/5/6-bit codes cost one
-extra load and an OR.
+extra load and an OR.  For 4-bit codes byte ``u`` of a word holds the codes of the two
+sub-slots ``2u`` and ``2u + 1``: the GEMV looks both up at once (see "pair table").
 
-Kernels
--------
-* ``_lut_gemv_kernel`` (decode; used for M == 1, see ``GEMV_MAX_M``): CUDA-core FMAs; one
-  program owns ``BN`` rows and a slice of the groups; the 32 sub-slots of a group are
-  unrolled with compile-time shifts; x times lut[code] is summed over a scale block and
-  scaled once.  The LUT is copied into a small ``.shared`` array (inline PTX) and read with
-  ``ld.shared`` at ``base | code << 2`` -- per code: SHF + LOP3 + LDS + FFMA (~5.6 SASS
-  instructions per code in all on sm_90, vs ~6.8 with ``tl.load(lut_ptr + code)``).
-* ``_lut_gemm_kernel`` (M > 1): per K step of ``KT = J*C`` codes it dequantises a
-  ``[BN, KT]`` tile (``lut[code] * scale`` rounded to the activation dtype; each word read
-  J times, with a per-column shift, so the tile is in natural k order) and feeds
-  ``tl.dot`` (wgmma / mma) against the ``[BM, KT]`` tile of x.  LUT reads are inline-PTX
-  ``ld.global.nc``, opaque to Triton's pipeliner (which otherwise turns the gather into
-  4-byte cp.async copies: 5-25x slower), while the x and word tiles are pipelined.
+Kernels (``path`` of :func:`lut_linear`)
+----------------------------------------
+* ``gemv`` -- ``_lut_gemv_kernel``, CUDA cores, used for decode batches
+  (``M <= GEMV_MAX_M``).  A program owns ``BN`` output features, ``BM`` (1, 2 or 4) rows
+  of x and a slice of the groups (split-K).  The 32 sub-slots of a group are unrolled with
+  compile-time shifts; ``x * lut[code]`` is summed over a scale block and scaled once.
+  Chunk loads run ``AHEAD`` chunks in front of their use (also across groups), so
+  every program keeps memory requests in flight while it computes.
+  The table lives in shared memory (a ``.shared`` array declared in inline PTX, read with
+  ``ld.shared`` at ``symbol + offset``, which ptxas folds into ``LDS [R+UR]``):
+
+  - *pair table* (4-bit): 256 entries ``(lut[lo], lut[hi])`` indexed by a whole byte, so
+    one 8-byte ``LDS.64`` serves two codes (per two codes: SHF + LOP3 + LDS + 2 FFMA);
+    it is replicated 16 times, copy ``lane % 16`` at bank pair ``lane % 16``, so the
+    random lookups of a half-warp never conflict (32 KB);
+  - otherwise one entry per code; 6- and 8-bit tables are replicated 32 times (one copy
+    per bank) for the same reason, smaller tables fit the 32 banks as they are.
+* ``gemm`` -- ``_lut_gemm_kernel``, ``tl.dot`` (wgmma/mma) for larger batches: per K step
+  of ``KT = J*C`` codes it dequantises ``lut[code] * scale`` (rounded to the activation
+  dtype) and multiplies it with x.  Two K-loop forms, both autotuned: ``SUBDOT`` loads the
+  step's [BN, C] words once, pre-shifts them and runs one dot per sub-slot with
+  compile-time shifts; otherwise a [BN, KT] word tile reads each word J times with a
+  per-column shift and one dot covers the step.  The table sits in shared memory (inline
+  PTX reads are opaque to Triton's pipeliner, which would otherwise turn a ``tl.load``
+  gather into 4-byte cp.async copies), or is read with ``ld.global.nc`` where a static
+  ``.shared`` array cannot launch next to Triton's own (see ``_GEMM_SMEM_LUT``).
+* ``dequant`` -- ``_lut_dequant_kernel`` writes the dense weight in the activation dtype
+  into a scratch buffer that is reused between calls (one per device, stream and dtype),
+  then cuBLAS multiplies (``torch.matmul``).  Off by default (``DEQUANT_MIN_M``).
 * Split-K (decode shapes with few output tiles): fp32 partials in a cached workspace and
-  a per-tile counter; the CTA that finishes a tile last sums the partials in fixed order
-  (deterministic) and resets the counter -- one launch, no memset, no cast kernel.
+  a per-tile counter; the program that finishes a tile last sums the partials in fixed
+  order (deterministic) and resets the counter -- one launch, no memset, no cast kernel.
 
-On CPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1``; without
-it (or without Triton) :func:`lut_linear` falls back to the torch reference.
+All kernels share the dequantise helpers ``_code_offset`` / ``_var_offset`` (code ->
+byte offset into the table) and ``_lut_value`` / ``_lut_pair`` (the lookup).
+
+Eager calls: the first call for a given (weight, batch, dtype, ...) goes through the
+autotuner; later calls reuse the compiled kernel, its grid and argument order, cached on
+the :class:`PackedLutWeight` (``_launch_cache``), and call Triton's launcher directly.
+
 On CPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1``; without
 it (or without Triton) :func:`lut_linear` falls back to the torch reference.
 """
@@ -56,6 +77,7 @@ import functools
 import inspect
 import math
 import os
+import types
 
 import torch
 
@@ -79,18 +101,27 @@ __all__ = [
     "dequantize_packed",
     "lut_linear",
     "GEMV_MAX_M",
+    "DEQUANT_MIN_M",
 ]
 
 #: Sub-slot width C (codes per contiguous k-run, words per chunk); group = 32 * C codes.
 SUB_K = 16
-#: Largest batch (rows of x) served by the CUDA-core GEMV kernel by default (larger
-#: batches use the tl.dot kernel; the GEMV's multi-row [BM, BN, C] variant measured slower).
+#: Largest batch (rows of x) served by the CUDA-core GEMV kernel (measured: see
+#: benchmarks/kernels_notes.md); larger batches use the tensor-core kernel.
 GEMV_MAX_M = 1
-#: Tests set this to exercise the plain ``lut_ptr + code`` lookup path.
-_NO_LUT_OR = False
-#: LUT lookups on GPUs: 2 = table copied to a shared-memory array (inline PTX ld.shared;
-#: GEMV only), 1 = inline PTX ld.global.nc, 0 = tl.load (the interpreter always uses 0).
+#: Smallest batch for which dequantise-to-scratch + cuBLAS is used instead of the fused
+#: tl.dot kernel (``None``: never; not yet measured against the current GEMM, see
+#: benchmarks/kernels_notes.md).
+DEQUANT_MIN_M: int | None = None
+#: LUT lookups on GPUs: 2 = table in shared memory, 1 = inline PTX ld.global.nc, 0 =
+#: tl.load (the interpreter always uses 0).
 _ASM_LUT_MODE = int(os.environ.get("HF_OPTQUANT_LUT_MODE", "2"))
+#: The GEMM's table in shared memory: a static .shared array next to Triton's dynamic
+#: shared memory makes a launch fail when dynamic <= 48 KB < dynamic + static (Triton
+#: only opts in to > 48 KB for the dynamic part); such a failure switches this off.
+_GEMM_SMEM_LUT = True
+#: Pair table for 4-bit GEMV lookups (see the module docstring).
+_PAIR_LUT = os.environ.get("HF_OPTQUANT_PAIR_LUT", "1") == "1"
 
 _PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 
@@ -115,6 +146,8 @@ class PackedLutWeight:
     ``scales`` has shape ``[N, ceil(K / scale_block)]``; ``scale_block`` equals
     ``block_size`` except for a block size that is not a power of two (other than
     per-channel), whose scales are repeated to the largest power of two dividing it.
+    ``_launch_cache`` holds compiled-kernel launch records for eager calls (not copied by
+    :meth:`to` or :func:`dataclasses.replace`).
     """
 
     qweight: torch.Tensor  # int32 [N, n_groups * bits * sub_k]
@@ -126,6 +159,7 @@ class PackedLutWeight:
     block_size: int
     scale_block: int
     sub_k: int = SUB_K
+    _launch_cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def group_size(self) -> int:
@@ -303,21 +337,158 @@ def dequantize_packed(p: PackedLutWeight, dtype: torch.dtype = torch.float32) ->
 
 
 # --------------------------------------------------------------------------------------
-# Triton kernels.  They are plain functions, jitted lazily (see ``_kernels``) so that the
-# interpreter-or-compiler choice follows TRITON_INTERPRET at call time, not import time;
-# hence no @triton.jit helpers: shared pieces are written out in each kernel.
+# Triton kernels and their shared helpers.  They are plain functions, jitted lazily (see
+# ``_kernels``) so that the interpreter-or-compiler choice follows TRITON_INTERPRET at
+# call time, not import time: compiled kernels see the helpers as ``JITFunction``s
+# (module globals set below), interpreted kernels run on a copy of the function whose
+# globals map the helper names back to the plain functions.
 #
-# LUT lookups: the table is aligned to its own size, so &lut[code] is its base OR-ed with
-# ``code << 2``: the code is shifted straight into a byte offset and OR-ed in (SHF + LOP3
-# per code).  ASM_LUT=2: base = a shared-memory copy (32-bit address, ld.shared);
-# ASM_LUT=1: the global table, ``hi32(lut) : (lo32(lut) | code << 2)`` and ld.global.nc;
-# ASM_LUT=0 (interpreter): tl.load, through the same OR (LUT_OR) or ``lut_ptr + code``.
-#
-# Split-K (SPLIT): each K-slice stores fp32 partials to a workspace, then bumps a
-# per-tile counter (acq_rel, after a CTA barrier); the CTA that arrives last sums the
-# partials in a fixed order (deterministic), writes y in its dtype and resets the
-# counter to zero for the next launch -- one launch, no memset, no cast kernel.
+# Table lookups take a byte offset ``off`` = (code << SH0) | base:
+#   LMODE 2: base = this lane's copy in the shared-memory table; the asm adds the table
+#            symbol, which ptxas folds into ``LDS [R+UR]``;
+#   LMODE 1: base = low 32 bits of the global table (aligned to its size: OR == ADD), the
+#            high 32 bits are OR-ed back and ``ld.global.nc`` reads it;
+#   LMODE 0: base = 0 and ``tl.load(lut_ptr + (off >> SH0))`` (the interpreter).
 # --------------------------------------------------------------------------------------
+
+_CONSTEXPR = tl.constexpr if HAS_TRITON else str  # Triton kernels may read constexpr globals only
+_ASM_LUT1 = _CONSTEXPR("{ .reg .u32 a; mov.u32 a, hfoq_lut_smem; add.u32 a, a, $1; ld.shared.f32 $0, [a]; }")
+_ASM_LUT2 = _CONSTEXPR(
+    "{ .reg .u32 a; mov.u32 a, hfoq_lut_smem; add.u32 a, a, $2; ld.shared.v2.f32 {$0, $1}, [a]; }"
+)
+_ASM_DECL_SMALL = _CONSTEXPR(".shared .align 1024 .b8 hfoq_lut_smem[1024];\n\tmov.u32 $0, hfoq_lut_smem;")
+_ASM_DECL_BIG = _CONSTEXPR(".shared .align 1024 .b8 hfoq_lut_smem[32768];\n\tmov.u32 $0, hfoq_lut_smem;")
+
+
+def _code_offset(w, SHIFT: tl.constexpr, MASK: tl.constexpr, POS: tl.constexpr):
+    """``((w >> SHIFT) & MASK) << POS`` with compile-time shifts: one shift and one AND."""
+    if SHIFT >= POS:
+        return (w >> (SHIFT - POS)) & (MASK << POS)
+    else:
+        return (w << (POS - SHIFT)) & (MASK << POS)
+
+
+def _var_offset(w, sh, MASK: tl.constexpr, POS: tl.constexpr):
+    """``((w >> sh) & MASK) << POS`` for a shift tensor (GEMM: one shift per column)."""
+    return ((w >> sh) & MASK) << POS
+
+
+def _plane_offsets(wa, wb, sa, sb, MASK_A: tl.constexpr, MASK_B: tl.constexpr, BITS_A: tl.constexpr,
+                   BITS_B: tl.constexpr, SH0: tl.constexpr, CONST_SHIFT: tl.constexpr):  # fmt: skip
+    """Table byte offset of the code whose plane bits sit at ``sa`` in ``wa`` / ``sb`` in ``wb``."""
+    if CONST_SHIFT:
+        off = _code_offset(wa, sa, MASK_A, SH0)
+        if BITS_B > 0:
+            off = off | _code_offset(wb, sb, MASK_B, SH0 + BITS_A)
+    else:
+        off = _var_offset(wa, sa, MASK_A, SH0)
+        if BITS_B > 0:
+            off = off | _var_offset(wb, sb, MASK_B, SH0 + BITS_A)
+    return off
+
+
+def _lut_value(off, lut_ptr, base_hi, LMODE: tl.constexpr, SH0: tl.constexpr):
+    """fp32 table value at byte offset ``off`` (see the LMODE notes above)."""
+    if LMODE == 2:
+        v = tl.inline_asm_elementwise(_ASM_LUT1, "=r,r", [off], dtype=tl.float32, is_pure=True, pack=1)
+    elif LMODE == 1:  # opaque to the pipeliner: one plain LDG per code
+        addr = off.to(tl.uint32, bitcast=True).to(tl.int64) | base_hi
+        v = tl.inline_asm_elementwise(
+            "ld.global.nc.f32 $0, [$1];", "=r,l", [addr], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        v = tl.load(lut_ptr + (off >> SH0))
+    return v
+
+
+def _lut_pair(off, lut_ptr, LMODE: tl.constexpr, SH0: tl.constexpr):
+    """``(lut[byte & 15], lut[byte >> 4])`` for the byte in ``off`` (pair table, 4-bit)."""
+    if LMODE == 2:
+        lo, hi = tl.inline_asm_elementwise(
+            _ASM_LUT2, "=r,=r,r", [off], dtype=(tl.float32, tl.float32), is_pure=True, pack=1
+        )
+    else:
+        e = off >> SH0
+        lo = tl.load(lut_ptr + (e & 15))
+        hi = tl.load(lut_ptr + (e >> 4))
+    return lo, hi
+
+
+def _lut_table(lut_ptr, zero, LMODE: tl.constexpr, PAIR: tl.constexpr, COPIES: tl.constexpr,
+               NENT: tl.constexpr, BIG: tl.constexpr):  # fmt: skip
+    """Set up the lookups; return ``base`` (shape of ``zero``) and ``base_hi`` (LMODE 1).
+
+    LMODE 2 fills the shared-memory table: entry ``e``, copy ``c`` at byte
+    ``(e * COPIES + c) * width``; lane ``l`` reads copy ``l % COPIES``.
+    """
+    base_hi = lut_ptr.to(tl.int64) & -4294967296
+    if LMODE == 2:
+        if BIG:
+            decl = tl.inline_asm_elementwise(_ASM_DECL_BIG, "=r,r", [tl.full([1], 0, tl.int32)],
+                                             dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+        else:
+            decl = tl.inline_asm_elementwise(_ASM_DECL_SMALL, "=r,r", [tl.full([1], 0, tl.int32)],
+                                             dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+        sym = tl.sum(decl, 0)
+        e = tl.arange(0, NENT)[:, None]  # [NENT, 1]: one table read per entry, not per copy
+        c = tl.arange(0, COPIES)[None, :]
+        if PAIR:
+            lo = tl.load(lut_ptr + (e & 15))
+            hi = tl.load(lut_ptr + (e >> 4))
+            addr = sym + (e * COPIES + c) * 8
+            tl.inline_asm_elementwise(
+                "st.shared.v2.f32 [$1], {$2, $3};\n\tmov.u32 $0, 0;", "=r,r,f,f",
+                [addr, lo + (addr * 0).to(tl.float32), hi + (addr * 0).to(tl.float32)], dtype=tl.int32,
+                is_pure=False, pack=1,
+            )  # fmt: skip
+            width = 8
+        else:
+            v = tl.load(lut_ptr + e)
+            addr = sym + (e * COPIES + c) * 4
+            tl.inline_asm_elementwise(
+                "st.shared.f32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,f", [addr, v + (addr * 0).to(tl.float32)],
+                dtype=tl.int32, is_pure=False, pack=1,
+            )  # fmt: skip
+            width = 4
+        tl.debug_barrier()
+        if COPIES > 1:
+            lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [zero], dtype=tl.int32,
+                                             is_pure=True, pack=1)  # fmt: skip
+            base = (lane % COPIES) * width
+        else:
+            base = zero
+    elif LMODE == 1:
+        base = zero + (lut_ptr.to(tl.int64) & 0xFFFFFFFF).to(tl.int32)
+    else:
+        base = zero
+    return base, base_hi
+
+
+def _gemv_x(x_row, kk, row, M, K, EVEN_K: tl.constexpr, ROW_MASK: tl.constexpr):
+    """fp32 activations ``x[row, kk]`` (zero past K or for a row past M).
+
+    Scalar conditions are broadcast to the tile before ``&`` (Triton's interpreter gets
+    the dtype of ``tile & scalar`` wrong).
+    """
+    if ROW_MASK:
+        row_ok = (kk * 0 + row) < M
+        if EVEN_K:
+            xv = tl.load(x_row + kk, mask=row_ok, other=0.0)
+        else:
+            xv = tl.load(x_row + kk, mask=row_ok & (kk < K), other=0.0)
+    else:
+        if EVEN_K:
+            xv = tl.load(x_row + kk)
+        else:
+            xv = tl.load(x_row + kk, mask=kk < K, other=0.0)
+    return xv.to(tl.float32)
+
+
+def _chunk_ptr(w_tile, g, q, D: tl.constexpr, NQ: tl.constexpr, PLANE_OFF: tl.constexpr,
+               GW: tl.constexpr, C: tl.constexpr):  # fmt: skip
+    """Address tile and group index of the chunk D chunks after chunk q of group g."""
+    gg = g + (q + D) // NQ
+    return w_tile + gg * GW + (PLANE_OFF + (q + D) % NQ) * C, gg
 
 
 def _lut_gemv_kernel(
@@ -326,16 +497,18 @@ def _lut_gemv_kernel(
     BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
     MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
     SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
-    LUT_OR: tl.constexpr, ASM_LUT: tl.constexpr, SPLIT: tl.constexpr, KMAJOR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
+    LMODE: tl.constexpr, PAIR: tl.constexpr, COPIES: tl.constexpr, SH0: tl.constexpr, BIG: tl.constexpr,
+    SPLIT: tl.constexpr, KMAJOR: tl.constexpr, BM: tl.constexpr, AHEAD: tl.constexpr,
+    BN: tl.constexpr,
 ):  # fmt: skip
-    # Tiles are [BN, C] (KMAJOR=False) or [C, BN] (KMAJOR=True); BM > 1 adds a leading M
-    # axis: [BM, BN, C].  KMAJOR only changes register layouts (which one a Triton
-    # version gives the LUT gather without a shared-memory shuffle), not the arithmetic.
+    # Tiles are [C, BN] (KMAJOR) or [BN, C]: KMAJOR only changes register layouts (which
+    # one a Triton version gives the tiles without a shared-memory shuffle).  Rows of x
+    # (BM <= 4) get their own accumulators: the table lookups are shared by all rows.
     BITS: tl.constexpr = BITS_A + BITS_B
+    GW: tl.constexpr = BITS * C  # words per row and group
     G: tl.constexpr = 32 * C
     SUBS: tl.constexpr = BSG // C  # sub-slots per scale block (within a group)
-    POS_B: tl.constexpr = BITS_A + 2  # bit position of plane B in a LUT byte offset
+    NENT: tl.constexpr = 256 if PAIR else (1 << BITS)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -345,113 +518,95 @@ def _lut_gemv_kernel(
 
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    m_mask = offs_m < M
     offs_c = tl.arange(0, C)
     rows_w = offs_n.to(tl.int64) * ldw
     rows_s = offs_n.to(tl.int64) * lds
-    if BM > 1 or not KMAJOR:
-        w_tile = w_ptr + rows_w[:, None] + offs_c[None, :]  # [BN, C]
-        nm2 = n_mask[:, None]
-        cc = offs_c[None, :]  # [1, C]
-    else:
+    if KMAJOR:
         w_tile = w_ptr + rows_w[None, :] + offs_c[:, None]  # [C, BN]
         nm2 = n_mask[None, :]
-        cc = offs_c[:, None]  # [C, 1]
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm  # BM == 1
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # BM > 1
-    if ASM_LUT == 2:  # copy the table to shared memory (a .shared array of our own)
-        li = tl.arange(0, 1 << BITS)
-        lvals = tl.load(lut_ptr + li)
-        decl = tl.inline_asm_elementwise(
-            ".shared .align 1024 .b8 hfoq_lut_smem[1024];\n\tmov.u32 $0, hfoq_lut_smem;",
-            "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-        base_lo = tl.sum(decl, 0)
-        tl.inline_asm_elementwise(
-            "st.shared.f32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,f", [base_lo + li * 4, lvals],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-        tl.debug_barrier()
-    elif LUT_OR:
-        lut_i = lut_ptr.to(tl.int64)
-        base_lo = (lut_i & 0xFFFFFFFF).to(tl.int32)
-        base_hi = lut_i & -4294967296
-
-    if BM == 1:
-        if KMAJOR:
-            acc = tl.zeros([C, BN], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BN, C], dtype=tl.float32)
+        cc = offs_c[:, None]
+        zero = tl.zeros([C, BN], dtype=tl.int32)
     else:
-        acc = tl.zeros([BM, BN, C], dtype=tl.float32)
+        w_tile = w_ptr + rows_w[:, None] + offs_c[None, :]  # [BN, C]
+        nm2 = n_mask[:, None]
+        cc = offs_c[None, :]
+        zero = tl.zeros([BN, C], dtype=tl.int32)
+    row0 = pid_m * BM
+    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    ok1 = (offs_n * 0 + row0 + 1) < M  # [BN] (see _gemv_x on scalar masks)
+    ok2 = (offs_n * 0 + row0 + 2) < M
+    ok3 = (offs_n * 0 + row0 + 3) < M
+    base, base_hi = _lut_table(lut_ptr, zero, LMODE, PAIR, COPIES, NENT, BIG)
+
+    # chunk streams (plane A: chunks 0..BITS_A-1 of each group; plane B after them)
+    pa, ga = _chunk_ptr(w_tile, g_lo, 0, 0, BITS_A, 0, GW, C)
+    wa = tl.load(pa, mask=nm2 & ((zero + ga) < g_hi), other=0, eviction_policy="evict_first")
+    if AHEAD == 2:
+        pa, ga = _chunk_ptr(w_tile, g_lo, 0, 1, BITS_A, 0, GW, C)
+        wa1 = tl.load(pa, mask=nm2 & ((zero + ga) < g_hi), other=0, eviction_policy="evict_first")
+    if BITS_B > 0:
+        pb, gb = _chunk_ptr(w_tile, g_lo, 0, 0, BITS_B, BITS_A, GW, C)
+        wb = tl.load(pb, mask=nm2 & ((zero + gb) < g_hi), other=0, eviction_policy="evict_first")
+        if AHEAD == 2:
+            pb, gb = _chunk_ptr(w_tile, g_lo, 0, 1, BITS_B, BITS_A, GW, C)
+            wb1 = tl.load(pb, mask=nm2 & ((zero + gb) < g_hi), other=0, eviction_policy="evict_first")
+    else:
+        wb = wa
+
+    acc0 = tl.zeros(zero.shape, dtype=tl.float32)
+    if BM > 1:
+        acc1 = tl.zeros(zero.shape, dtype=tl.float32)
+    if BM > 2:
+        acc2 = tl.zeros(zero.shape, dtype=tl.float32)
+        acc3 = tl.zeros(zero.shape, dtype=tl.float32)
     for g in range(g_lo, g_hi):
-        wg = w_tile + g * (BITS * C)
         k0 = g * G
         for s in tl.static_range(32):
-            # ---- codes of sub-slot s (k = k0 + s*C + t) -> lut values v
+            # ---- prefetch: at the start of a chunk, load the one AHEAD chunks further on
             if s % SLOTS_A == 0:
-                wa = tl.load(wg + (s // SLOTS_A) * C, mask=nm2, other=0, eviction_policy="evict_first")
+                pa, ga = _chunk_ptr(w_tile, g, s // SLOTS_A, AHEAD, BITS_A, 0, GW, C)
+                wa_new = tl.load(pa, mask=nm2 & ((zero + ga) < g_hi), other=0, eviction_policy="evict_first")
             if BITS_B > 0:
                 if s % SLOTS_B == 0:
-                    wb = tl.load(
-                        wg + (BITS_A + s // SLOTS_B) * C, mask=nm2, other=0,
-                        eviction_policy="evict_first",
-                    )  # fmt: skip
-            sa = (s % SLOTS_A) * BITS_A  # compile-time shifts
-            sb = (s % SLOTS_B) * BITS_B
-            if LUT_OR:
-                if sa >= 2:
-                    off = (wa >> (sa - 2)) & (MASK_A << 2)
+                    pb, gb = _chunk_ptr(w_tile, g, s // SLOTS_B, AHEAD, BITS_B, BITS_A, GW, C)
+                    wb_new = tl.load(pb, mask=nm2 & ((zero + gb) < g_hi), other=0, eviction_policy="evict_first")
+            # ---- codes of sub-slot s (k = k0 + s*C + t) -> table values v
+            if PAIR:  # 4-bit: byte s // 2 of the word holds sub-slots s and s + 1
+                if s % 2 == 0:
+                    off = _code_offset(wa, (s % SLOTS_A) * BITS_A, 255, SH0) | base
+                    v, v_next = _lut_pair(off, lut_ptr, LMODE, SH0)
                 else:
-                    off = (wa << (2 - sa)) & (MASK_A << 2)
-                if BITS_B > 0:
-                    if sb >= POS_B:
-                        off = off | ((wb >> (sb - POS_B)) & (MASK_B << POS_B))
-                    else:
-                        off = off | ((wb << (POS_B - sb)) & (MASK_B << POS_B))
-                if ASM_LUT == 2:  # shared-memory table: OR the byte offset into its address
-                    v = tl.inline_asm_elementwise(
-                        "ld.shared.f32 $0, [$1];", "=r,r", [off | base_lo],
-                        dtype=tl.float32, is_pure=True, pack=1,
-                    )  # fmt: skip
-                else:
-                    addr = (off | base_lo).to(tl.uint32, bitcast=True).to(tl.int64) | base_hi
-                    if ASM_LUT == 1:  # opaque to pipeliner / coalescer: one plain LDG per code
-                        v = tl.inline_asm_elementwise(
-                            "ld.global.nc.f32 $0, [$1];", "=r,l", [addr],
-                            dtype=tl.float32, is_pure=True, pack=1,
-                        )  # fmt: skip
-                    else:
-                        v = tl.load(addr.to(tl.pointer_type(tl.float32)))
+                    v = v_next
             else:
-                code = (wa >> sa) & MASK_A
-                if BITS_B > 0:
-                    code = code | (((wb >> sb) & MASK_B) << BITS_A)
-                v = tl.load(lut_ptr + code)
+                off = _plane_offsets(wa, wb, (s % SLOTS_A) * BITS_A, (s % SLOTS_B) * BITS_B,
+                                     MASK_A, MASK_B, BITS_A, BITS_B, SH0, True) | base  # fmt: skip
+                v = _lut_value(off, lut_ptr, base_hi, LMODE, SH0)
             # ---- times x, summed over the scale block, then scaled
-            if BM == 1:  # x as a [1, C] / [C, 1] tile: broadcasts in the layout of v
-                kk = k0 + s * C + cc
-                if EVEN_K:
-                    xv = tl.load(x_row + kk)
-                else:
-                    xv = tl.load(x_row + kk, mask=kk < K, other=0.0)
-                prod = v * xv.to(tl.float32)
-            else:
-                kk = k0 + s * C + offs_c
-                if EVEN_K:
-                    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
-                else:
-                    xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-                prod = v[None, :, :] * xv.to(tl.float32)[:, None, :]
+            kk = k0 + s * C + cc
+            p0 = v * _gemv_x(x0, kk, row0, M, K, EVEN_K, False)
+            if BM > 1:
+                p1 = v * _gemv_x(x0 + stride_xm, kk, row0 + 1, M, K, EVEN_K, True)
+            if BM > 2:
+                p2 = v * _gemv_x(x0 + 2 * stride_xm, kk, row0 + 2, M, K, EVEN_K, True)
+                p3 = v * _gemv_x(x0 + 3 * stride_xm, kk, row0 + 3, M, K, EVEN_K, True)
             if s % SUBS == 0:
-                blk = prod
+                b0 = p0
+                if BM > 1:
+                    b1 = p1
+                if BM > 2:
+                    b2 = p2
+                    b3 = p3
             else:
-                blk += prod
+                b0 += p0
+                if BM > 1:
+                    b1 += p1
+                if BM > 2:
+                    b2 += p2
+                    b3 += p3
             if s % SUBS == SUBS - 1:
-                ks = k0 + (s + 1 - SUBS) * C
                 # scales: a 1-D [BN] load expanded to the tile (a [1, BN]/[BN, 1] load
                 # makes some Triton versions shuffle the whole block through smem)
+                ks = k0 + (s + 1 - SUBS) * C
                 sidx = ks >> SCALE_SHIFT
                 if EVEN_K:
                     sc = tl.load(s_ptr + rows_s + sidx, mask=n_mask, other=0.0)
@@ -459,36 +614,66 @@ def _lut_gemv_kernel(
                     ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
                     sc = tl.load(s_ptr + rows_s + sidx, mask=n_mask & ks_ok, other=0.0)
                 sc = sc.to(tl.float32)
-                if BM > 1:
-                    acc += blk * sc[None, :, None]
-                elif KMAJOR:
-                    acc += blk * sc[None, :]
+                if KMAJOR:
+                    sc2 = sc[None, :]
                 else:
-                    acc += blk * sc[:, None]
-    if BM == 1:
-        if KMAJOR:
-            y = tl.sum(acc, axis=0)[None, :]
-        else:
-            y = tl.sum(acc, axis=1)[None, :]
-    else:
-        y = tl.sum(acc, axis=2)
+                    sc2 = sc[:, None]
+                acc0 += b0 * sc2
+                if BM > 1:
+                    acc1 += b1 * sc2
+                if BM > 2:
+                    acc2 += b2 * sc2
+                    acc3 += b3 * sc2
+            # ---- rotate the chunk streams at the end of a chunk
+            if s % SLOTS_A == SLOTS_A - 1:
+                if AHEAD == 2:
+                    wa = wa1
+                    wa1 = wa_new
+                else:
+                    wa = wa_new
+            if BITS_B > 0:
+                if s % SLOTS_B == SLOTS_B - 1:
+                    if AHEAD == 2:
+                        wb = wb1
+                        wb1 = wb_new
+                    else:
+                        wb = wb_new
 
-    out = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    omask = m_mask[:, None] & n_mask[None, :]
+    RED: tl.constexpr = 0 if KMAJOR else 1
+    y0 = tl.sum(acc0, axis=RED)
+    if BM > 1:
+        y1 = tl.sum(acc1, axis=RED)
+    if BM > 2:
+        y2 = tl.sum(acc2, axis=RED)
+        y3 = tl.sum(acc3, axis=RED)
+    out = y_ptr + row0.to(tl.int64) * stride_ym + offs_n
     if SPLIT:
         tile = pid_m * tl.num_programs(0) + pid_n
-        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part + pid_k * (M * N), y, mask=omask)
+        part = ws_ptr + pid_k * (M * N) + row0 * N + offs_n
+        tl.store(part, y0, mask=n_mask)
+        if BM > 1:
+            tl.store(part + N, y1, mask=n_mask & ok1)
+        if BM > 2:
+            tl.store(part + 2 * N, y2, mask=n_mask & ok2)
+            tl.store(part + 3 * N, y3, mask=n_mask & ok3)
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if done == n_split - 1:
-            tot = tl.zeros([BM, BN], dtype=tl.float32)
-            for i in range(n_split):
-                tot += tl.load(part + i * (M * N), mask=omask, other=0.0, cache_modifier=".cg")
-            tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            for r in tl.static_range(BM):
+                ok = ((offs_n * 0 + row0 + r) < M) & n_mask
+                tot = tl.zeros([BN], dtype=tl.float32)
+                for i in range(n_split):
+                    tot += tl.load(ws_ptr + i * (M * N) + (row0 + r) * N + offs_n, mask=ok, other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+                tl.store(out + r * stride_ym, tot.to(y_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(cnt_ptr + tile, 0)
     else:
-        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=omask)
+        tl.store(out, y0.to(y_ptr.dtype.element_ty), mask=n_mask)
+        if BM > 1:
+            tl.store(out + stride_ym, y1.to(y_ptr.dtype.element_ty), mask=n_mask & ok1)
+        if BM > 2:
+            tl.store(out + 2 * stride_ym, y2.to(y_ptr.dtype.element_ty), mask=n_mask & ok2)
+            tl.store(out + 3 * stride_ym, y3.to(y_ptr.dtype.element_ty), mask=n_mask & ok3)
 
 
 def _lut_gemm_kernel(
@@ -497,17 +682,19 @@ def _lut_gemm_kernel(
     BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
     MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
     SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
-    LUT_OR: tl.constexpr, ASM_LUT: tl.constexpr, SPLIT: tl.constexpr, DOT_IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
+    LMODE: tl.constexpr, SH0: tl.constexpr, SPLIT: tl.constexpr, DOT_IEEE: tl.constexpr,
+    SUBDOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
 ):  # fmt: skip
     # One K step = J consecutive sub-slots = KT = J*C consecutive values of k.  They come
-    # from one chunk per plane (J divides 32/bits), so the [BN, KT] word tile reads each
-    # word J times (L1 hits) and shifts column p by ((s0 + p // C) % slots) * bits: the
-    # dequantised tile is then in natural k order and meets a plain [BM, KT] tile of x.
+    # from one chunk per plane (J divides 32/bits).
+    # SUBDOT: the [BN, C] chunk words are loaded once per step, shifted by the step's
+    #   position in the chunk, and each sub-slot is dequantised with compile-time shifts
+    #   and multiplied by its own [BM, C] tile of x (J dots of K = C per step);
+    # otherwise the [BN, KT] word tile reads each word J times (L1 hits) and shifts column
+    #   p by ((s0 + p // C) % slots) * bits: one dot of K = KT per step.
     BITS: tl.constexpr = BITS_A + BITS_B
     SPG: tl.constexpr = 32 // J  # steps per group
     KT: tl.constexpr = J * C
-    POS_B: tl.constexpr = BITS_A + 2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -527,81 +714,52 @@ def _lut_gemm_kernel(
     x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_p[None, :]
     w_tile = w_ptr + offs_n[:, None].to(tl.int64) * ldw + (offs_p % C)[None, :]
     s_rows = s_ptr + offs_n.to(tl.int64) * lds
-    if ASM_LUT == 2:  # copy the table to shared memory (a .shared array of our own)
-        li = tl.arange(0, 1 << BITS)
-        lvals = tl.load(lut_ptr + li)
-        decl = tl.inline_asm_elementwise(
-            ".shared .align 1024 .b8 hfoq_lut_smem[1024];\n\tmov.u32 $0, hfoq_lut_smem;",
-            "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-        base_lo = tl.sum(decl, 0)
-        tl.inline_asm_elementwise(
-            "st.shared.f32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,f", [base_lo + li * 4, lvals],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-        tl.debug_barrier()
-    elif LUT_OR:
-        lut_i = lut_ptr.to(tl.int64)
-        base_lo = (lut_i & 0xFFFFFFFF).to(tl.int32)
-        base_hi = lut_i & -4294967296
+    base, base_hi = _lut_table(lut_ptr, tl.zeros([BN, 1], dtype=tl.int32), LMODE, False, 1, 1 << BITS, False)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for step in range(st_lo, st_hi):
-        g = step // SPG
-        s0 = (step % SPG) * J
-        k0 = step * KT
-        wg = w_tile + g * (BITS * C)
-        wa = tl.load(wg + (s0 // SLOTS_A) * C, mask=n_mask[:, None], other=0)
-        sh_a = (s0 % SLOTS_A + sub_p) * BITS_A
-        if BITS_B > 0:
-            wb = tl.load(wg + (BITS_A + s0 // SLOTS_B) * C, mask=n_mask[:, None], other=0)
-            sh_b = (s0 % SLOTS_B + sub_p) * BITS_B
-        if LUT_OR:
-            off = ((wa >> sh_a[None, :]) & MASK_A) << 2
+    if SUBDOT:
+        acc = _gemm_subdot(acc, x_ptr, w_ptr, lut_ptr, s_ptr, base, base_hi, offs_m, offs_n, m_mask, n_mask,
+                           st_lo, st_hi, K, stride_xm, ldw, lds, BITS_A, BITS_B, SLOTS_A, SLOTS_B, MASK_A,
+                           MASK_B, C, SCALE_SHIFT, BSG, EVEN_K, LMODE, SH0, DOT_IEEE, BM, BN, J)  # fmt: skip
+    else:
+        for step in range(st_lo, st_hi):
+            g = step // SPG
+            s0 = (step % SPG) * J
+            k0 = step * KT
+            wg = w_tile + g * (BITS * C)
+            wa = tl.load(wg + (s0 // SLOTS_A) * C, mask=n_mask[:, None], other=0)
+            sh_a = ((s0 % SLOTS_A + sub_p) * BITS_A)[None, :]
             if BITS_B > 0:
-                off = off | (((wb >> sh_b[None, :]) & MASK_B) << POS_B)
-            if ASM_LUT == 2:  # shared-memory table
-                lv = tl.inline_asm_elementwise(
-                    "ld.shared.f32 $0, [$1];", "=r,r", [off | base_lo],
-                    dtype=tl.float32, is_pure=True, pack=1,
-                )  # fmt: skip
+                wb = tl.load(wg + (BITS_A + s0 // SLOTS_B) * C, mask=n_mask[:, None], other=0)
+                sh_b = ((s0 % SLOTS_B + sub_p) * BITS_B)[None, :]
             else:
-                addr = (off | base_lo).to(tl.uint32, bitcast=True).to(tl.int64) | base_hi
-                if ASM_LUT == 1:  # opaque to the pipeliner: not turned into 4-byte cp.async
-                    lv = tl.inline_asm_elementwise(
-                        "ld.global.nc.f32 $0, [$1];", "=r,l", [addr],
-                        dtype=tl.float32, is_pure=True, pack=1,
-                    )  # fmt: skip
+                wb = wa
+                sh_b = sh_a
+            off = _plane_offsets(wa, wb, sh_a, sh_b, MASK_A, MASK_B, BITS_A, BITS_B, SH0, False) | base
+            lv = _lut_value(off, lut_ptr, base_hi, LMODE, SH0)
+            if BSG >= KT:  # one scale per row for the whole step
+                sidx = k0 >> SCALE_SHIFT
+                if EVEN_K:
+                    sc = tl.load(s_rows + sidx, mask=n_mask, other=0.0)
                 else:
-                    lv = tl.load(addr.to(tl.pointer_type(tl.float32)))
-        else:
-            code = (wa >> sh_a[None, :]) & MASK_A
-            if BITS_B > 0:
-                code = code | (((wb >> sh_b[None, :]) & MASK_B) << BITS_A)
-            lv = tl.load(lut_ptr + code)
-        if BSG >= KT:  # one scale per row for the whole step
-            sidx = k0 >> SCALE_SHIFT
+                    ks_ok = (tl.zeros([BN], dtype=tl.int32) + k0) < K
+                    sc = tl.load(s_rows + sidx, mask=n_mask & ks_ok, other=0.0)
+                v = lv * sc.to(tl.float32)[:, None]
+            else:  # several scale blocks in the step
+                kcol = k0 + offs_p
+                sc = tl.load(
+                    s_rows[:, None] + (kcol >> SCALE_SHIFT)[None, :],
+                    mask=n_mask[:, None] & (kcol < K)[None, :], other=0.0,
+                )  # fmt: skip
+                v = lv * sc.to(tl.float32)
             if EVEN_K:
-                sc = tl.load(s_rows + sidx, mask=n_mask, other=0.0)
+                xt = tl.load(x_tile + k0, mask=m_mask[:, None], other=0.0)
             else:
-                ks_ok = (tl.zeros([BN], dtype=tl.int32) + k0) < K
-                sc = tl.load(s_rows + sidx, mask=n_mask & ks_ok, other=0.0)
-            v = lv * sc.to(tl.float32)[:, None]
-        else:  # several scale blocks in the step
-            kcol = k0 + offs_p
-            sc = tl.load(
-                s_rows[:, None] + (kcol >> SCALE_SHIFT)[None, :],
-                mask=n_mask[:, None] & (kcol < K)[None, :], other=0.0,
-            )  # fmt: skip
-            v = lv * sc.to(tl.float32)
-        if EVEN_K:
-            xt = tl.load(x_tile + k0, mask=m_mask[:, None], other=0.0)
-        else:
-            xt = tl.load(x_tile + k0, mask=m_mask[:, None] & (k0 + offs_p < K)[None, :], other=0.0)
-        if DOT_IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot is broken)
-            vt = tl.trans(v.to(x_ptr.dtype.element_ty).to(tl.float32))
-            acc = tl.dot(xt.to(tl.float32), vt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(v.to(x_ptr.dtype.element_ty)), acc)
+                xt = tl.load(x_tile + k0, mask=m_mask[:, None] & (k0 + offs_p < K)[None, :], other=0.0)
+            if DOT_IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot is broken)
+                vt = tl.trans(v.to(x_ptr.dtype.element_ty).to(tl.float32))
+                acc = tl.dot(xt.to(tl.float32), vt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(v.to(x_ptr.dtype.element_ty)), acc)
 
     out = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     omask = m_mask[:, None] & n_mask[None, :]
@@ -620,54 +778,185 @@ def _lut_gemm_kernel(
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
+def _gemm_subdot(acc, x_ptr, w_ptr, lut_ptr, s_ptr, base, base_hi, offs_m, offs_n, m_mask, n_mask, st_lo, st_hi, K,
+                 stride_xm, ldw, lds, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr,
+                 SLOTS_B: tl.constexpr, MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
+                 SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr, LMODE: tl.constexpr,
+                 SH0: tl.constexpr, DOT_IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 J: tl.constexpr):  # fmt: skip
+    """The GEMM's K loop with one dot per sub-slot and compile-time shifts (``SUBDOT``)."""
+    BITS: tl.constexpr = BITS_A + BITS_B
+    SPG: tl.constexpr = 32 // J
+    KT: tl.constexpr = J * C
+    offs_c = tl.arange(0, C)
+    w_tile = w_ptr + offs_n[:, None].to(tl.int64) * ldw + offs_c[None, :]  # [BN, C]
+    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_c[None, :]  # [BM, C]
+    s_rows = s_ptr + offs_n.to(tl.int64) * lds
+    for step in range(st_lo, st_hi):
+        g = step // SPG
+        s0 = (step % SPG) * J
+        k0 = step * KT
+        wg = w_tile + g * (BITS * C)
+        # words of this step's chunk, shifted so that sub-slot s0 + kk sits at field kk
+        wa = tl.load(wg + (s0 // SLOTS_A) * C, mask=n_mask[:, None], other=0) >> ((s0 % SLOTS_A) * BITS_A)
+        if BITS_B > 0:
+            wb = tl.load(wg + (BITS_A + s0 // SLOTS_B) * C, mask=n_mask[:, None], other=0)
+            wb = wb >> ((s0 % SLOTS_B) * BITS_B)
+        else:
+            wb = wa
+        for kk in tl.static_range(J):
+            if (kk * C) % BSG == 0:  # a new scale block starts at this sub-slot
+                ks = k0 + kk * C
+                if EVEN_K:
+                    sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask, other=0.0)
+                else:
+                    ks_ok = (tl.zeros([BN], dtype=tl.int32) + ks) < K
+                    sc = tl.load(s_rows + (ks >> SCALE_SHIFT), mask=n_mask & ks_ok, other=0.0)
+                sc = sc.to(tl.float32)[:, None]
+            off = _plane_offsets(wa, wb, kk * BITS_A, kk * BITS_B, MASK_A, MASK_B, BITS_A, BITS_B,
+                                 SH0, True) | base  # fmt: skip
+            v = _lut_value(off, lut_ptr, base_hi, LMODE, SH0) * sc
+            kx = k0 + kk * C
+            if EVEN_K:
+                xt = tl.load(x_tile + kx, mask=m_mask[:, None], other=0.0)
+            else:
+                xt = tl.load(x_tile + kx, mask=m_mask[:, None] & (kx + offs_c < K)[None, :], other=0.0)
+            if DOT_IEEE:
+                vt = tl.trans(v.to(x_ptr.dtype.element_ty).to(tl.float32))
+                acc = tl.dot(xt.to(tl.float32), vt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(v.to(x_ptr.dtype.element_ty)), acc)
+    return acc
+
+
+def _lut_dequant_kernel(
+    w_ptr, lut_ptr, s_ptr, o_ptr, N, K, ldw, lds, ldo,
+    BITS_A: tl.constexpr, BITS_B: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
+    MASK_A: tl.constexpr, MASK_B: tl.constexpr, C: tl.constexpr,
+    SCALE_SHIFT: tl.constexpr, EVEN_K: tl.constexpr, LMODE: tl.constexpr, SH0: tl.constexpr,
+    BN: tl.constexpr,
+):  # fmt: skip
+    """Dense weight ``o[n, k] = lut[code] * scale`` in o's dtype: one program = [BN, one group]."""
+    BITS: tl.constexpr = BITS_A + BITS_B
+    G: tl.constexpr = 32 * C
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    offs_c = tl.arange(0, C)
+    wg = w_ptr + offs_n[:, None].to(tl.int64) * ldw + offs_c[None, :] + g * (BITS * C)
+    o_rows = o_ptr + offs_n[:, None].to(tl.int64) * ldo
+    s_rows = s_ptr + offs_n.to(tl.int64) * lds
+    base, base_hi = _lut_table(lut_ptr, tl.zeros([BN, C], dtype=tl.int32), LMODE, False, 1, 1 << BITS, False)
+    for s in tl.static_range(32):
+        if s % SLOTS_A == 0:
+            wa = tl.load(wg + (s // SLOTS_A) * C, mask=n_mask[:, None], other=0)
+        if BITS_B > 0:
+            if s % SLOTS_B == 0:
+                wb = tl.load(wg + (BITS_A + s // SLOTS_B) * C, mask=n_mask[:, None], other=0)
+        else:
+            wb = wa
+        off = _plane_offsets(wa, wb, (s % SLOTS_A) * BITS_A, (s % SLOTS_B) * BITS_B,
+                             MASK_A, MASK_B, BITS_A, BITS_B, SH0, True) | base  # fmt: skip
+        v = _lut_value(off, lut_ptr, base_hi, LMODE, SH0)
+        k = g * G + s * C + offs_c
+        if EVEN_K:
+            sc = tl.load(s_rows + ((g * G + s * C) >> SCALE_SHIFT), mask=n_mask, other=0.0)
+            tl.store(o_rows + k[None, :], (v * sc.to(tl.float32)[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=n_mask[:, None])  # fmt: skip
+        else:
+            k_ok = (tl.zeros([BN], dtype=tl.int32) + g * G + s * C) < K
+            sc = tl.load(s_rows + ((g * G + s * C) >> SCALE_SHIFT), mask=n_mask & k_ok, other=0.0)
+            tl.store(o_rows + k[None, :], (v * sc.to(tl.float32)[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=n_mask[:, None] & (k < K)[None, :])  # fmt: skip
+
+
+_HELPERS = ("_code_offset", "_var_offset", "_plane_offsets", "_lut_value", "_lut_pair", "_lut_table",
+            "_gemv_x", "_chunk_ptr", "_gemm_subdot")  # fmt: skip
+_PLAIN = {name: globals()[name] for name in _HELPERS}
+if HAS_TRITON:  # compiled kernels resolve these module globals to JITFunctions
+    from triton.runtime.jit import JITFunction as _JITFunction
+
+    for _name in _HELPERS:
+        globals()[_name] = _JITFunction(_PLAIN[_name])
+
+
+def _rebind(fn, glb):
+    copy = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    return copy
+
+
+def _interpreted(fn):
+    """``fn`` for Triton's interpreter: a copy that (like its helpers) sees plain helpers."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    glb = dict(fn.__globals__)
+    glb.update({name: _rebind(f, glb) for name, f in _PLAIN.items()})
+    return InterpretedFunction(_rebind(fn, glb))
+
+
 # --------------------------------------------------------------------------------------
 # Configs, autotuning and launch
 # --------------------------------------------------------------------------------------
 
-_GEMV_KEY = ["N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT", "BM"]
+_GEMV_KEY = ["N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT", "BM", "PAIR"]
 _GEMM_KEY = ["M_KEY", "N", "K", "n_split", "BITS_A", "BITS_B", "SCALE_SHIFT"]
 _MIN_BN_GEMV = 16  # smallest BN of any GEMV config (sizes the split-K counters)
 _MIN_BM_GEMM, _MIN_BN_GEMM = 16, 32
+#: GEMM K-loop form when not autotuning: one dot per sub-slot with compile-time shifts
+#: (see the kernel); autotuning tries both forms.
+GEMM_SUBDOT = True
+#: GEMV programs wanted per SM before split-K stops (more programs: more loads in flight,
+#: but more table set-ups and partial sums).
+GEMV_PROGRAMS_PER_SM = 2
 
 
 def _gemv_configs():
     return [
-        triton.Config({"BN": bn}, num_warps=w, num_stages=1)
-        for bn, w in ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8), (256, 8))
+        triton.Config({"BN": bn, "AHEAD": ahead}, num_warps=w, num_stages=1)
+        for bn, w in ((32, 4), (64, 4), (128, 4), (128, 8))
+        for ahead in (1, 2)
     ]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
     bm = kwargs.get("BM", named_args.get("BM", 1))
-    if bm == 1:
-        keep = [c for c in configs if c.kwargs["BN"] >= 32]
-    elif bm == 2:  # the [BM, BN, C] accumulators get large: small tiles only (no spills)
-        keep = [c for c in configs if c.kwargs["BN"] <= 32]
-    else:
-        keep = [c for c in configs if c.kwargs["BN"] <= 16]
+    bits = kwargs.get("BITS_A", named_args.get("BITS_A", 4)) + kwargs.get("BITS_B", named_args.get("BITS_B", 0))
+    keep = configs
+    if bm == 4 or bits > 4:  # more registers per row (x rows, chunk streams): smaller tiles
+        keep = [c for c in configs if c.kwargs["BN"] <= 64]
     return keep or configs[:1]
 
 
 def _gemm_configs():
+    """Tile shapes x both K-loop forms (SUBDOT): which one wins is left to the autotuner."""
     cfg = []
     # decode-sized batches (M <= 16): BM = 16
-    for bn, j, w in ((32, 2, 4), (64, 2, 4), (64, 4, 4), (128, 4, 4)):
-        cfg.append(triton.Config({"BM": 16, "BN": bn, "J": j}, num_warps=w, num_stages=2))
+    for bn, j, w in ((32, 2, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4)):
+        for sub in (True, False):
+            cfg.append(triton.Config({"BM": 16, "BN": bn, "J": j, "SUBDOT": sub}, num_warps=w, num_stages=2))
     # medium (<= 64) and large batches
     for bm, bn, j, w, st in (
         (32, 64, 4, 4, 2),
         (64, 64, 4, 4, 2),
         (64, 128, 4, 8, 3),
-        (128, 64, 4, 4, 2),
-        (128, 128, 4, 8, 2),
+        (128, 128, 4, 4, 2),
         (128, 128, 4, 8, 3),
+        (256, 128, 4, 8, 2),
     ):
-        cfg.append(triton.Config({"BM": bm, "BN": bn, "J": j}, num_warps=w, num_stages=st))
+        for sub in (True, False):
+            cfg.append(triton.Config({"BM": bm, "BN": bn, "J": j, "SUBDOT": sub}, num_warps=w, num_stages=st))
     return cfg
 
 
 def _prune_gemm(configs, named_args, **kwargs):
     m = named_args.get("M_KEY", kwargs.get("M_KEY", 16))
+    slots = min(kwargs.get("SLOTS_A", named_args.get("SLOTS_A", 8)),
+                kwargs.get("SLOTS_B", named_args.get("SLOTS_B", 32)))  # fmt: skip
+    configs = [c for c in configs if slots % c.kwargs["J"] == 0] or configs
     if m <= 16:
         keep = [c for c in configs if c.kwargs["BM"] == 16]
     elif m <= 64:
@@ -695,27 +984,28 @@ def _autotune(fn, configs, key, prune=None):
     return triton.autotune(configs=configs, key=key, **kw)(fn)
 
 
+_RAW = {"gemv": _lut_gemv_kernel, "gemm": _lut_gemm_kernel, "dequant": _lut_dequant_kernel}
+
+
 @functools.cache
 def _kernels(interpret: bool, tune: bool = True):
-    """``(gemv, gemm, tuned)``: kernel objects for the interpreter or the compiler."""
+    """``{path: kernel}`` for the interpreter or the compiler, and whether it is autotuned."""
     if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(_lut_gemv_kernel), InterpretedFunction(_lut_gemm_kernel), False
-    gemv = triton.jit(_lut_gemv_kernel)
-    gemm = triton.jit(_lut_gemm_kernel)
+        return {name: _interpreted(fn) for name, fn in _RAW.items()}, False
+    ks = {name: _JITFunction(fn) for name, fn in _RAW.items()}
     if not tune:
-        return gemv, gemm, False
-    gemv = _autotune(gemv, _gemv_configs(), _GEMV_KEY, prune=_prune_gemv)
-    gemm = _autotune(gemm, _gemm_configs(), _GEMM_KEY, prune=_prune_gemm)
-    return gemv, gemm, True
+        return ks, False
+    ks["gemv"] = _autotune(ks["gemv"], _gemv_configs(), _GEMV_KEY, prune=_prune_gemv)
+    ks["gemm"] = _autotune(ks["gemm"], _gemm_configs(), _GEMM_KEY, prune=_prune_gemm)
+    return ks, True
 
 
 # Configs used when not autotuning (interpreter, HF_OPTQUANT_NO_AUTOTUNE=1); tests may
 # edit these dicts to cover other tile shapes.
-GEMV_DEFAULT = {"BN": 64, "num_warps": 4}
+GEMV_DEFAULT = {"BN": 64, "AHEAD": 1, "num_warps": 4}
 GEMM_DEFAULT_SMALL = {"BM": 16, "BN": 64, "J": 2, "num_warps": 4}
 GEMM_DEFAULT_LARGE = {"BM": 64, "BN": 64, "J": 4, "num_warps": 4}
+DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 
 
 @functools.lru_cache(maxsize=8)
@@ -723,12 +1013,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _choose_split(tiles: int, n_units: int, device: torch.device) -> int:
-    """K slices so that about 2 CTAs per SM have work (decode-sized batches)."""
+def _choose_split(tiles: int, n_units: int, device: torch.device, per_sm: int = 2) -> int:
+    """K slices so that about ``per_sm`` programs per SM have work (decode-sized batches)."""
     if device.type != "cuda" or n_units <= 1:
         return 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    want = 2 * sms
+    want = per_sm * sms
     if tiles >= want:
         return 1
     target = min(n_units, _cdiv(want, tiles), 16)
@@ -737,6 +1027,7 @@ def _choose_split(tiles: int, n_units: int, device: torch.device) -> int:
 
 
 _WORKSPACES: dict = {}
+_SCRATCH: dict = {}
 
 
 def _workspace(device: torch.device, n_part: int, n_cnt: int):
@@ -756,7 +1047,23 @@ def _workspace(device: torch.device, n_part: int, n_cnt: int):
     return ws, cnt
 
 
-def _kernel_meta(p: PackedLutWeight, k: int, interpret: bool) -> dict:
+def _scratch(device: torch.device, dtype: torch.dtype, n: int, k: int) -> torch.Tensor:
+    """Reused ``[n, k]`` buffer for the dequantised weight (one per device, stream, dtype).
+
+    Grown to the largest layer seen; warm up before capturing CUDA graphs so that no
+    allocation happens during capture.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n * k:
+        buf = torch.empty(n * k, device=device, dtype=dtype)
+        _SCRATCH[key] = buf
+    return buf[: n * k].view(n, k)
+
+
+def _format_meta(p: PackedLutWeight, k: int) -> dict:
+    """Constexprs that describe the packed format (shared by all kernels)."""
     planes = p.planes
     ba = planes[0]
     bb = planes[1] if len(planes) > 1 else 0
@@ -765,8 +1072,6 @@ def _kernel_meta(p: PackedLutWeight, k: int, interpret: bool) -> dict:
         shift, bsg = 31, g
     else:
         shift, bsg = int(math.log2(p.scale_block)), min(p.scale_block, g)
-    lut_bytes = p.lut.numel() * 4
-    lut_or = p.lut.data_ptr() % lut_bytes == 0 and not _NO_LUT_OR
     return dict(
         BITS_A=ba,
         BITS_B=bb,
@@ -778,14 +1083,30 @@ def _kernel_meta(p: PackedLutWeight, k: int, interpret: bool) -> dict:
         SCALE_SHIFT=shift,
         BSG=bsg,
         EVEN_K=(k % g == 0),
-        LUT_OR=lut_or,
-        ASM_LUT=0 if (interpret or not lut_or) else _ASM_LUT_MODE,
     )
+
+
+def _table_meta(p: PackedLutWeight, path: str, interpret: bool) -> dict:
+    """How a kernel reads the table: LMODE, pair table, copies, offset shift (see above)."""
+    aligned = p.lut.data_ptr() % (p.lut.numel() * 4) == 0
+    mode = 0 if interpret else _ASM_LUT_MODE
+    if path == "gemm" and not _GEMM_SMEM_LUT:
+        mode = min(mode, 1)
+    if mode == 1 and not aligned:
+        mode = 0
+    pair = path == "gemv" and p.bits == 4 and _PAIR_LUT
+    copies = 1
+    if mode == 2 and path == "gemv":
+        copies = 16 if pair else (32 if p.bits >= 6 else 1)
+    width = 8 if pair else 4
+    sh0 = int(math.log2(copies * width))
+    nent = 256 if pair else (1 << p.bits)
+    return dict(LMODE=mode, PAIR=pair, COPIES=copies, SH0=sh0, BIG=nent * copies * width > 1024)
 
 
 @functools.lru_cache(maxsize=1)
 def _gemv_kmajor() -> bool:
-    """Tile orientation of the M=1 GEMV whose LUT gather needs no layout shuffle.
+    """Tile orientation of the GEMV whose loads and lookups need no layout shuffle.
 
     Triton's coalescing pass orders the dims of a load without known contiguity (the
     gather) one way up to 3.6 and the other way from 3.7 on (checked on 3.6 and 3.9).
@@ -808,19 +1129,245 @@ def _use_triton(x: torch.Tensor) -> bool:
     return _interpret_mode()
 
 
+# ---- launch records (eager calls skip the autotuner and Triton's argument binding)
+
+
+@dataclasses.dataclass
+class _Launch:
+    """A compiled kernel, its grid and its full argument list (runtime slots refilled)."""
+
+    kernel: object
+    grid: tuple
+    args: list
+    slots: tuple  # positions of x, y, ws, cnt in ``args``
+    split: int
+    n_part: int
+    n_cnt: int
+
+
+_FAST_LAUNCH = os.environ.get("HF_OPTQUANT_FAST_LAUNCH", "1") == "1"
+_FAST_CHECKED: dict = {}  # kernel name -> True (matched the normal launch) / False (disabled)
+#: Arguments that change from call to call (refilled in a launch record), per kernel.
+_SLOT_NAMES = {"gemv": ("x_ptr", "y_ptr", "ws_ptr", "cnt_ptr"), "gemm": ("x_ptr", "y_ptr", "ws_ptr", "cnt_ptr"),
+               "dequant": ("o_ptr",)}  # fmt: skip
+
+
+@functools.cache
+def _param_names(path: str) -> tuple:
+    return tuple(inspect.signature(_RAW[path]).parameters)
+
+
+def _launcher_ok() -> bool:
+    """Direct launches skip Triton's launch hooks: only when none is installed (None in
+    Triton 3.6, an empty HookChain in later versions)."""
+    knobs = getattr(triton, "knobs", None)
+    if not _FAST_LAUNCH or knobs is None:
+        return False
+    rt = knobs.runtime
+
+    def idle(hook) -> bool:
+        return hook is None or (hasattr(hook, "calls") and not hook.calls)
+
+    return idle(getattr(rt, "launch_enter_hook", None)) and idle(getattr(rt, "launch_exit_hook", None))
+
+
+def _record(kernel, compiled, path: str, runtime: dict, meta: dict, grid_fn, split, n_part, n_cnt):
+    """Launch record for the config the (autotuned) kernel just ran, or None."""
+    if compiled is None or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        return None
+    cfg = getattr(kernel, "best_config", None)
+    allargs = dict(runtime)
+    allargs.update(meta)
+    if cfg is not None:
+        allargs.update(cfg.kwargs)
+    names = _param_names(path)
+    if any(n not in allargs for n in names):
+        return None
+    args = [allargs[n] for n in names]
+    slots = tuple(names.index(n) for n in _SLOT_NAMES[path])
+    for pos in slots:  # refilled per call; do not keep this call's tensors alive
+        args[pos] = None
+    return _Launch(compiled, tuple(grid_fn(allargs)), args, slots, split, n_part, n_cnt)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _current_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _fast_run(rec: _Launch, device: torch.device, tensors: tuple) -> None:
+    """Launch ``rec`` with the call's tensors in their slots (Triton's own launcher)."""
+    args = list(rec.args)
+    for pos, t in zip(rec.slots, tensors):
+        args[pos] = t
+    k = rec.kernel
+    stream = _current_stream(device)
+    g = rec.grid + (1,) * (3 - len(rec.grid))
+    k.run(g[0], g[1], g[2], stream, k.function, k.packed_metadata, None, None, None, *args)
+
+
+def _knob_state() -> tuple:
+    return (_ASM_LUT_MODE, _PAIR_LUT, _GEMM_SMEM_LUT, GEMV_PROGRAMS_PER_SM, GEMM_SUBDOT, _gemv_kmajor())
+
+
+def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, config, interpret: bool):
+    """Kernel, grid function, runtime args, constexprs and split-K sizes of one call."""
+    m, k, n = x2.shape[0], packed.in_features, packed.out_features
+    ks, tuned = _kernels(interpret, not os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"))
+    meta = _format_meta(packed, k)
+    meta.update(_table_meta(packed, path, interpret))
+    n_groups = packed.n_groups
+    if config is not None:
+        cfg, tuned = dict(config), False
+    elif path == "gemv":
+        cfg = {} if tuned else dict(GEMV_DEFAULT)
+    else:
+        cfg = {} if tuned else dict(GEMM_DEFAULT_SMALL if m <= 16 else GEMM_DEFAULT_LARGE)
+    if path == "gemv":
+        bm = 1 if m == 1 else (2 if m == 2 else 4)
+        m_tiles = _cdiv(m, bm)
+        split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device, GEMV_PROGRAMS_PER_SM)
+        split = max(1, min(split, n_groups))
+        n_cnt = m_tiles * _cdiv(n, _MIN_BN_GEMV)
+        meta.update(SPLIT=split > 1, KMAJOR=_gemv_kmajor(), BM=bm)
+        for name in ("COPIES", "SH0", "BIG", "PAIR", "LMODE"):
+            if name in cfg:  # experiments may force the table variant
+                meta[name] = cfg.pop(name)
+
+        def grid(a):
+            return (_cdiv(n, a["BN"]), m_tiles, split)
+
+    else:
+        for name in ("COPIES", "PAIR", "BIG"):
+            meta.pop(name)
+        m_tiles = _cdiv(m, 16 if m <= 16 else 64)
+        split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device)
+        split = max(1, min(split, n_groups * 8))  # (an empty slice adds a zero partial)
+        n_cnt = _cdiv(m, _MIN_BM_GEMM) * _cdiv(n, _MIN_BN_GEMM)
+        meta.update(SPLIT=split > 1, DOT_IEEE=x2.dtype == torch.float32 or interpret)
+        if not tuned:  # (tuned: SUBDOT is part of each autotuning config)
+            meta["SUBDOT"] = cfg.pop("SUBDOT", GEMM_SUBDOT)
+
+        def grid(a):
+            return (_cdiv(m, a["BM"]) * _cdiv(n, a["BN"]), split)
+
+    runtime = dict(
+        x_ptr=x2, w_ptr=packed.qweight, lut_ptr=packed.lut, s_ptr=packed.scales, M=m, N=n, K=k,
+        stride_xm=x2.stride(0), ldw=packed.qweight.stride(0), lds=packed.scales.stride(0),
+        n_groups=n_groups, n_split=split,
+    )  # fmt: skip
+    if path == "gemm":
+        runtime["M_KEY"] = min(256, 1 << max(0, (m - 1).bit_length()))
+    return ks[path], tuned, cfg, grid, runtime, meta, split, split * m * n, n_cnt
+
+
+def _run_fused(path, x2, packed, split_k, config, interpret):
+    m, n = x2.shape[0], packed.out_features
+    fast = not interpret and config is None and _FAST_CHECKED.get(path) is not False and _launcher_ok()
+    key = (path, m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, split_k, x2.device.index, _knob_state())
+    rec = packed._launch_cache.get(key) if fast else None
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    if rec is not None and _FAST_CHECKED.get(path):
+        ws, cnt = _workspace(x2.device, rec.n_part, rec.n_cnt) if rec.split > 1 else (y, y)
+        _fast_run(rec, x2.device, (x2, y, ws, cnt))
+        return y
+    kern, tuned, cfg, grid, runtime, meta, split, n_part, n_cnt = _prepare(path, x2, packed, split_k, config,
+                                                                           interpret)  # fmt: skip
+    ws, cnt = _workspace(x2.device, n_part, n_cnt) if split > 1 else (y, y)
+    runtime.update(y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, stride_ym=y.stride(0))
+    names = [nm for nm in _param_names(path) if nm in runtime]
+    try:
+        compiled = kern[lambda a: grid({**a, **cfg})](*(runtime[nm] for nm in names), **meta, **cfg)
+    except RuntimeError:
+        if not (path == "gemm" and meta.get("LMODE") == 2):
+            raise
+        global _GEMM_SMEM_LUT
+        _GEMM_SMEM_LUT = False  # see its comment; the retry reads the table from global memory
+        return _run_fused(path, x2, packed, split_k, config, interpret)
+    if fast and rec is None:
+        rec = _record(kern, compiled, path, runtime, {**meta, **cfg}, grid, split, n_part, n_cnt)
+        if rec is not None and _check_fast(path, rec, x2, y, split, n_part, n_cnt):
+            packed._launch_cache[key] = rec
+    return y
+
+
+def _check_fast(path, rec, x2, y, split, n_part, n_cnt) -> bool:
+    """First use of the direct launch for a kernel: it must reproduce the normal launch."""
+    state = _FAST_CHECKED.get(path)
+    if state is not None:
+        return state
+    if _capturing(x2.device):
+        return False
+    y2 = torch.empty_like(y)
+    ws, cnt = _workspace(x2.device, n_part, n_cnt) if split > 1 else (y2, y2)
+    try:
+        _fast_run(rec, x2.device, (x2, y2, ws, cnt))
+        ok = bool(torch.equal(y, y2))
+    except Exception:  # pragma: no cover - launcher API of another Triton version
+        ok = False
+    _FAST_CHECKED[path] = ok
+    return ok
+
+
+def _run_dequant(x2: torch.Tensor, packed: PackedLutWeight, interpret: bool) -> torch.Tensor:
+    """Dense weight in x's dtype into the reused scratch buffer, then cuBLAS."""
+    n, k = packed.out_features, packed.in_features
+    w = _scratch(x2.device, x2.dtype, n, k)
+    fast = not interpret and _FAST_CHECKED.get("dequant") is not False and _launcher_ok()
+    key = ("dequant", x2.dtype, x2.device.index, w.data_ptr(), _knob_state())
+    rec = packed._launch_cache.get(key) if fast else None
+    if rec is not None and _FAST_CHECKED.get("dequant"):
+        _fast_run(rec, x2.device, (w,))
+    else:
+        ks, _ = _kernels(interpret, False)
+        meta = _format_meta(packed, k)
+        tmeta = _table_meta(packed, "dequant", interpret)
+        meta.update(LMODE=tmeta["LMODE"], SH0=tmeta["SH0"])
+        cfg = dict(DEQUANT_CONFIG)
+        runtime = dict(w_ptr=packed.qweight, lut_ptr=packed.lut, s_ptr=packed.scales, o_ptr=w, N=n, K=k,
+                       ldw=packed.qweight.stride(0), lds=packed.scales.stride(0), ldo=w.stride(0))  # fmt: skip
+
+        def grid(a):
+            return (_cdiv(n, a["BN"]), packed.n_groups)
+
+        names = [nm for nm in _param_names("dequant") if nm in runtime]
+        compiled = ks["dequant"][lambda a: grid({**a, **cfg})](*(runtime[nm] for nm in names), **meta, **cfg)
+        if fast and rec is None:
+            rec = _record(ks["dequant"], compiled, "dequant", runtime, {**meta, **cfg}, grid, 1, 0, 0)
+            if rec is not None:
+                if _FAST_CHECKED.get("dequant") is None and not _capturing(x2.device):
+                    ref = w.clone()
+                    w.zero_()
+                    try:
+                        _fast_run(rec, x2.device, (w,))
+                        _FAST_CHECKED["dequant"] = bool(torch.equal(ref, w))
+                    except Exception:  # pragma: no cover
+                        _FAST_CHECKED["dequant"] = False
+                    w.copy_(ref)
+                if _FAST_CHECKED.get("dequant"):
+                    packed._launch_cache[key] = rec
+    return torch.matmul(x2, w.t())
+
+
 def lut_linear(
     x: torch.Tensor,
     packed: PackedLutWeight,
     *,
     path: str | None = None,
     split_k: int | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """``y = x @ W.T`` for a packed LUT weight; ``x`` is ``[..., K]`` in bf16/fp16/fp32.
 
-    ``path`` forces ``"gemv"`` (CUDA-core kernel; any M, tiles of <= 4 rows), ``"gemm"``
-    (``tl.dot`` kernel) or ``"torch"`` (dequantise + matmul); by default M <= GEMV_MAX_M
-    uses the GEMV kernel and larger M the GEMM kernel.  ``split_k`` overrides the
-    split-K heuristic (number of K slices).
+    ``path`` forces ``"gemv"`` (CUDA-core kernel; any M, 1/2/4 rows per program),
+    ``"gemm"`` (``tl.dot`` kernel), ``"dequant"`` (dequantise to a scratch buffer +
+    cuBLAS) or ``"torch"`` (dequantise + matmul in torch); by default M <= GEMV_MAX_M uses
+    the GEMV, M >= DEQUANT_MIN_M (on CUDA) the dequant path and other M the GEMM.
+    ``split_k`` overrides the split-K heuristic (number of K slices); ``config`` forces a
+    kernel config (tile sizes, ``num_warps``, table variant) instead of autotuning.
     """
     k, n = packed.in_features, packed.out_features
     if x.shape[-1] != k:
@@ -828,6 +1375,8 @@ def lut_linear(
     lead = x.shape[:-1]
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if path not in (None, "gemv", "gemm", "dequant", "torch"):
+        raise ValueError(f"path must be 'gemv', 'gemm', 'dequant', 'torch' or None, got {path!r}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -840,57 +1389,16 @@ def lut_linear(
         return y.reshape(*lead, n)
     if packed.device != x2.device:
         raise ValueError(f"packed weight is on {packed.device}, x on {x2.device}")
-    if path is None:
-        path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    if path not in ("gemv", "gemm"):
-        raise ValueError(f"path must be 'gemv', 'gemm', 'torch' or None, got {path!r}")
-
     interpret = not x2.is_cuda or _interpret_mode()
-    gemv, gemm, tuned = _kernels(interpret, not os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"))
-    meta = _kernel_meta(packed, k, interpret)
-    n_groups = packed.n_groups
-    ldw = packed.qweight.stride(0)
-    lds = packed.scales.stride(0)
-    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-
-    if path == "gemv":
-        bm = 1 if m == 1 else (2 if m == 2 else 4)
-        m_tiles = _cdiv(m, bm)
-        split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device)
-        split = max(1, min(split, n_groups))
-        n_cnt = m_tiles * _cdiv(n, _MIN_BN_GEMV)
+    if path is None:
+        if m <= GEMV_MAX_M:
+            path = "gemv"
+        elif DEQUANT_MIN_M is not None and m >= DEQUANT_MIN_M and not interpret:
+            path = "dequant"
+        else:
+            path = "gemm"
+    if path == "dequant":
+        y = _run_dequant(x2, packed, interpret)
     else:
-        m_tiles = _cdiv(m, 16 if m <= 16 else 64)
-        split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device)
-        split = max(1, min(split, n_groups * 8))  # >= 1 step per slice for any J <= 4
-        n_cnt = _cdiv(m, _MIN_BM_GEMM) * _cdiv(n, _MIN_BN_GEMM)
-    if split > 1:
-        ws, cnt = _workspace(x2.device, split * m * n, n_cnt)
-    else:
-        ws, cnt = y, y  # unused
-    common = (x2, packed.qweight, packed.lut, packed.scales, y, ws, cnt,
-              m, n, k, x2.stride(0), y.stride(0), ldw, lds, n_groups, split)  # fmt: skip
-
-    if path == "gemv":
-        cfg = {} if tuned else dict(GEMV_DEFAULT)
-
-        def grid(meta_):
-            return (_cdiv(n, meta_["BN"]), m_tiles, split)
-
-        gemv[grid](*common, **meta, SPLIT=split > 1, KMAJOR=_gemv_kmajor(), BM=bm, **cfg)
-    else:
-        mkey = min(256, 1 << max(0, (m - 1).bit_length()))
-        cfg = {} if tuned else dict(GEMM_DEFAULT_SMALL if m <= 16 else GEMM_DEFAULT_LARGE)
-
-        def grid(meta_):
-            return (_cdiv(m, meta_["BM"]) * _cdiv(n, meta_["BN"]), split)
-
-        # The GEMM keeps the table in global memory (ASM_LUT <= 1): Triton sizes the
-        # dynamic shared memory of its pipeline without knowing of a static .shared array,
-        # and the launch fails once both together pass 48 KB.
-        meta["ASM_LUT"] = min(meta["ASM_LUT"], 1)
-        gemm[grid](
-            *common, mkey, **meta, SPLIT=split > 1,
-            DOT_IEEE=x2.dtype == torch.float32 or interpret, **cfg,
-        )  # fmt: skip
+        y = _run_fused(path, x2, packed, split_k, config, interpret)
     return y.reshape(*lead, n)
