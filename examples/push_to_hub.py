@@ -14,14 +14,11 @@ machine: the model card is written to DIR/README.md instead.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
-SKIP = "skipped: hf_optquant.hub (push_to_hub) is not available in this version of hf-optquant; nothing was pushed"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -58,14 +55,10 @@ def quantize(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        hub = importlib.import_module("hf_optquant.hub")
-        push_to_hub = hub.push_to_hub
-    except (ImportError, AttributeError):
-        print(SKIP)
-        return 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hf_optquant import hub
+    from hf_optquant.hub import push_to_hub
     from hf_optquant.report import load_report
 
     quantize(args)
@@ -78,22 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         card.save(str(Path(args.out) / "README.md"))
         print(f"dry run: model card written to {Path(args.out) / 'README.md'}; pass --repo-id to upload")
         return 0
+    out = Path(args.out)
+    report_files = {str(p.relative_to(out)): p for pattern in ("optquant_report.*", "figures/*")
+                    for p in sorted(out.glob(pattern)) if p.is_file()}
     info = push_to_hub(model, args.repo_id, tokenizer=tokenizer, evaluation=evaluation, report=bundle.report,
-                       token=args.token, endpoint=args.endpoint, private=args.private or None)
-    print(f"pushed {args.repo_id}: {info.commit_url if hasattr(info, 'commit_url') else info}")
-    upload_report(args)
+                       token=args.token, endpoint=args.endpoint, private=args.private or None,
+                       extra_files=report_files)
+    print(f"pushed {args.repo_id} in one commit (checkpoint, tokenizer, model card, "
+          f"{len(report_files)} report files): {info.commit_url}")
     check_download(args, model, tokenizer)
     return 0
-
-
-def upload_report(args: argparse.Namespace) -> None:
-    """The report (markdown, JSON, figures) goes next to the checkpoint in the repository too."""
-    from huggingface_hub import HfApi
-
-    HfApi(endpoint=args.endpoint, token=args.token).upload_folder(
-        repo_id=args.repo_id, folder_path=args.out, allow_patterns=["optquant_report.*", "figures/*"],
-        commit_message="Add the hf-optquant report")
-    print("uploaded optquant_report.md, optquant_report.json and figures/")
 
 
 def check_download(args: argparse.Namespace, model, tokenizer) -> None:

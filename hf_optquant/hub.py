@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +158,18 @@ def _looks_like_repo_id(name: str) -> bool:
 def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer: Any | None = None, evaluation: Any | None = None,
                 report: Any | None = None, private: bool | None = None, token: str | None = None,
                 endpoint: str | None = None, revision: str | None = None,
+                extra_files: Mapping[str, str | Path] | None = None,
                 commit_message: str = "Upload hf-optquant model") -> CommitInfo:
     """Create ``repo_id`` if needed and upload the quantised checkpoint (``save_pretrained``), the
-    tokenizer if given, and a model card (:func:`model_card`) in one commit."""
+    tokenizer if given, a model card (:func:`model_card`) and ``extra_files`` (``{path in the repo:
+    local file}``, e.g. the quantisation report and its figures) in one commit."""
     card = model_card(model, repo_id, evaluation=evaluation, report=report)  # fails early if not quantised
+    extra = {str(k): Path(v) for k, v in (extra_files or {}).items()}
+    for name, local in extra.items():
+        if not local.is_file():
+            raise ValueError(f"push_to_hub extra_files[{name!r}] = {str(local)!r} is not a file")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"push_to_hub extra_files key {name!r} must be a relative path inside the repository")
     api = HfApi(endpoint=endpoint, token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,4 +177,7 @@ def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer: Any | None = None,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         card.save(str(Path(tmp) / "README.md"))
+        for name, local in extra.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, Path(tmp) / name)
         return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
