@@ -10,7 +10,8 @@ with delta chosen for empirical entropies 2..6 bits:
   per-tensor probabilities, payload only -- no table or chunking), as a check that our
   payload is near the entropy and the gap is the price of chunking/tables,
 * ``estimate_bits`` relative error, CPU encode/decode throughput,
-* the chunk-size sweep (rate overhead vs number of independent decode lanes),
+* the GPU row layout (``row_length``): rate overhead vs lane length (= decode parallelism),
+  with the overhead broken down,
 * edge cases (outliers, one or two distinct symbols).
 
 Run: ``/work/venv/bin/python benchmarks/coding.py [--quick]`` (~3 min on 2 CPU cores).
@@ -26,9 +27,8 @@ import numpy as np
 import torch
 
 from hf_optquant.coding import decode_symbols, encode_symbols, estimate_bits
-from hf_optquant.coding.estimate import rans_loss_per_symbol
 from hf_optquant.coding.huffman import huffman_stored_bits
-from hf_optquant.coding.layout import DEFAULT_CHUNK_SIZE, HEADER_LEN
+from hf_optquant.coding.layout import DEFAULT_CHUNK_SIZE, gpu_segment
 from hf_optquant.coding.table import build_code_table
 
 DISTS = {
@@ -105,7 +105,7 @@ def rate_table(sizes: list[tuple[int, int]], entropies: list[float], seed: int) 
             for target in entropies:
                 q = np.round(x / delta_for_entropy(x, target)).astype(np.int64)
                 h = entropy_bits(q)
-                sym = torch.from_numpy(q).reshape(rows, cols)
+                sym = torch.from_numpy(q).reshape(rows, cols)  # flattened: the stored layout
                 stream, t_enc = timed(encode_symbols, sym)
                 out, t_dec = timed(decode_symbols, stream)
                 assert torch.equal(out, sym.reshape(-1)), "round trip failed"
@@ -129,42 +129,50 @@ def rate_table(sizes: list[tuple[int, int]], entropies: list[float], seed: int) 
     return stats
 
 
-def breakdown(q: np.ndarray, stream) -> dict[str, float]:
+def breakdown(q: np.ndarray, stream, row_length: int | None) -> dict[str, float]:
     """Where the overhead of ``stream`` (the coded ``q``) goes, in bits/symbol."""
     n = q.size
-    table = build_code_table(q)
+    window = None if row_length is None else (-127, 127)
+    table = build_code_table(torch.from_numpy(q), window)
     h = entropy_bits(q)
+    size = {k: 8 * v.numel() * v.element_size() / n for k, v in stream.tensors.items()}
+    coded = (table.payload_bits - table.raw_bits) / n
     parts = {
         "12-bit freqs + escapes": table.payload_bits / n - h,
-        "table": table.table_bits / n,
-        "header": 64 * HEADER_LEN / n,
-        "chunk sizes": 16 * stream.num_chunks / n,
+        "table + header": size["freqs"] + size["header"],
+        "tails + group words": size["tails"] + size["tail_ext"] + size["group_words"],
+        "lane start-up + flush": size["payload"] + size["states"] - coded,
+        "raw-bit padding": size["escapes"] - table.raw_bits / n,
     }
-    parts["state flush + rANS precision"] = stream.nbits / n - h - sum(parts.values())
     parts["total"] = stream.nbits / n - h
     return parts
 
 
-def chunk_sweep(seed: int, rows: int, cols: int) -> None:
-    print(f"\n## Chunk size: rate overhead vs decode parallelism ({rows}x{cols})\n")
-    print("Lanes = independent chunks = GPU threads available for one tensor; each lane "
-          "decodes chunk_size symbols sequentially. Overheads in b/sym.\n")
-    print("| dist, H | chunk_size | lanes | total over | sizes | flush+precision "
-          "| freqs+escapes | table+header | CPU decode Msym/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def lane_sweep(seed: int, rows: int, cols: int) -> dict[str, list[float]]:
+    print(f"\n## GPU row layout: rate overhead vs lane length ({rows}x{cols}, row_length={cols})\n")
+    print("Lanes = independent rANS states a GPU decodes in parallel (32 consecutive rows x one "
+          "segment form a warp's group); each lane decodes `chunk_size` symbols sequentially. "
+          f"`gpu_segment` picks {gpu_segment(rows, cols)} for this shape. The last row is the stored "
+          "(1-D, size-first) layout. Overheads in b/sym.\n")
+    print("| dist, H | layout | chunk_size | lanes | total over | start-up + flush | tails + groups "
+          "| freqs + escapes | table + header | CPU decode Msym/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(seed)
     n = rows * cols
-    for name, target in (("normal", 2.0), ("student-t5", 4.0), ("laplace", 6.0)):
+    totals: dict[str, list[float]] = {}
+    for name, target in (("normal", 2.0), ("student-t5", 3.5), ("laplace", 6.0)):
         x = DISTS[name](rng, n)
         q = np.round(x / delta_for_entropy(x, target)).astype(np.int64)
-        for chunk in (512, 1024, 2048, 4096, 8192):
-            stream = encode_symbols(torch.from_numpy(q), chunk_size=chunk)
+        for chunk, rl in ((256, cols), (512, cols), (1024, cols), (2048, cols), (4096, None)):
+            stream = encode_symbols(torch.from_numpy(q), chunk_size=chunk, row_length=rl)
             _, t_dec = timed(decode_symbols, stream)
-            b = breakdown(q, stream)
-            print(f"| {name}, {entropy_bits(q):.2f} | {chunk} | {stream.num_chunks} "
-                  f"| {b['total']:.4f} | {b['chunk sizes']:.4f} "
-                  f"| {b['state flush + rANS precision']:.4f} | {b['12-bit freqs + escapes']:.4f} "
-                  f"| {b['table'] + b['header']:.5f} | {n / t_dec / 1e6:.1f} |", flush=True)
+            b = breakdown(q, stream, rl)
+            totals.setdefault(f"{'rows' if rl else 'stored'} {chunk}", []).append(b["total"])
+            print(f"| {name}, {entropy_bits(q):.2f} | {'rows' if rl else 'stored'} | {chunk} "
+                  f"| {stream.num_lanes} | {b['total']:.4f} | {b['lane start-up + flush']:.4f} "
+                  f"| {b['tails + group words']:.4f} | {b['12-bit freqs + escapes']:.4f} "
+                  f"| {b['table + header']:.5f} | {n / t_dec / 1e6:.1f} |", flush=True)
+    return totals
 
 
 def edge_cases(seed: int) -> None:
@@ -209,24 +217,23 @@ def main() -> None:
     print(f"# hf_optquant.coding benchmark\n\npython {platform.python_version()}, "
           f"torch {torch.__version__}, numpy {np.__version__}, seed {args.seed}, "
           f"threads {torch.get_num_threads()}")
-    print(f"rANS precision-loss model used by estimate_bits: "
-          f"{rans_loss_per_symbol(2.0):.4f} b/sym at 2 bits, {rans_loss_per_symbol(6.0):.4f} at 6")
     t0 = time.perf_counter()
     sizes = [(1024, 1024)] if args.quick else [(1024, 1024), (4096, 4096)]
     stats = rate_table(sizes, [2.0, 3.0, 4.0, 5.0, 6.0], args.seed)
-    chunk_sweep(args.seed + 1, *((1024, 1024) if args.quick else (4096, 4096)))
+    lanes = lane_sweep(args.seed + 1, *((1024, 1024) if args.quick else (4096, 4096)))
     edge_cases(args.seed + 2)
     print("\n## Decision\n")
-    print(f"* Code: interleaving-free rANS per chunk. A 12-bit length-limited Huffman code of the "
-          f"same alphabet pays {min(stats['huffman']):.3f}-{max(stats['huffman']):.3f} b/sym over "
-          f"the entropy on this data (prefix-code redundancy, worst at low entropy), above the "
-          f"0.02 target everywhere; rANS pays {min(stats['rans']):.4f}-{max(stats['rans']):.4f} "
-          f"all-in with the same 4096-entry decode table and one sequential lane per chunk.")
-    print(f"* Chunk size {DEFAULT_CHUNK_SIZE}: per-chunk cost is ~32 bits (16-bit size + ~16 "
-          f"bits state flush and precision loss), i.e. ~{32 / DEFAULT_CHUNK_SIZE:.4f} b/sym; "
-          f"2048 is still under 0.02 on 1M+ tensors but with little margin, 1024 is not. "
-          f"A 4096x4096 tensor gives 4096 independent lanes; callers wanting more GPU "
-          f"parallelism can pass chunk_size=2048 (stored in the header).")
+    print(f"* Code: interleaved rANS, 32 lanes per group (a GPU warp). A 12-bit length-limited Huffman "
+          f"code of the same alphabet pays {min(stats['huffman']):.3f}-{max(stats['huffman']):.3f} b/sym over "
+          f"the entropy on this data (prefix-code redundancy, worst at low entropy); rANS pays "
+          f"{min(stats['rans']):.4f}-{max(stats['rans']):.4f} all-in in the stored layout.")
+    print(f"* Stored layout: lanes of {DEFAULT_CHUNK_SIZE} (size first). Each lane costs ~20 bits: its "
+          f"32-bit state holds ~24 bits of information, the first symbols coded from state 1 waste ~7, "
+          f"plus a 4-bit tail count and 1 bit of group word count. A GPU needs ~64k lanes in flight, so "
+          f"it transcodes to the row layout with shorter lanes at load time; over H in GPU memory: "
+          + ", ".join(f"{k.split()[1]}: {min(v):.3f}-{max(v):.3f}" for k, v in lanes.items() if k.startswith("rows"))
+          + " b/sym by lane length (the row layout also keeps direct values within +-127, which costs "
+          "escapes at high entropy).")
     print(f"\nTotal benchmark time: {time.perf_counter() - t0:.0f} s")
 
 

@@ -57,16 +57,23 @@ def uniform_allocation(stats: Mapping[str, TensorStats], budget: float) -> dict[
 
 
 def fisher_allocation(stats: Mapping[str, TensorStats], budget: float, min_bits: float = 1.0,
-                      max_bits: float = 8.0) -> dict[str, float]:
-    """The paper's rule b_i = b0 + log2 rms_i + 1/2 log2 Fbar_i, clamped, meeting ``budget``."""
+                      max_bits: float = 8.0, floors: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The paper's rule b_i = b0 + log2 rms_i + 1/2 log2 Fbar_i, clamped, meeting ``budget``.
+
+    ``floors``: per-tensor lower limits above ``min_bits`` (e.g. a small tensor whose scales and
+    code tables alone cost more than ``min_bits``)."""
     if not min_bits <= budget <= max_bits:
         raise ValueError(f"budget={budget} must lie in [min_bits={min_bits}, max_bits={max_bits}]")
     offsets = {n: _log_term(s, stats.values()) for n, s in stats.items()}
+    low = {n: min(max_bits, max(min_bits, (floors or {}).get(n, min_bits))) for n in stats}
+    numels = {n: s.numel for n, s in stats.items()}
+    if mean_bits(low, numels) > budget:
+        raise ValueError(f"budget={budget} bits is below what these tensors need at the least "
+                         f"({mean_bits(low, numels):.3f} bits: min_bits and per-tensor floors); raise it")
 
     def allocate(b0: float) -> dict[str, float]:
-        return {n: min(max_bits, max(min_bits, b0 + o)) for n, o in offsets.items()}
+        return {n: min(max_bits, max(low[n], b0 + o)) for n, o in offsets.items()}
 
-    numels = {n: s.numel for n, s in stats.items()}
     lo, hi = min_bits - max(offsets.values()) - 1, max_bits - min(offsets.values()) + 1
     for _ in range(200):  # the mean is monotone in b0
         mid = (lo + hi) / 2

@@ -43,6 +43,7 @@ from torch import nn
 
 from .config import ALLOCATIONS, OptQuantConfig
 from .formats.fit import FAMILIES
+from .quantizer import mark_quantized
 from .report import (
     FIGURES_DIR,
     REPORT_JSON,
@@ -268,16 +269,6 @@ def _estimate_fisher(model, tokenizer, config: OptQuantConfig, progress: bool):
                                per_element=config.weighted_fit, seed=config.seed, progress=progress)
 
 
-def _mark_quantized(model, config: OptQuantConfig, report) -> None:
-    """What from_pretrained(quantization_config=...) leaves behind, so save_pretrained writes an
-    optquant checkpoint that from_pretrained(DIR) reloads."""
-    from .quantizer import OptQuantHfQuantizer
-
-    model.hf_quantizer = OptQuantHfQuantizer(config, pre_quantized=False)
-    model.config.quantization_config = config
-    model.optquant_report = report
-
-
 def _label(config: OptQuantConfig) -> str:
     return f"{config.format}/{config.allocation}"
 
@@ -480,7 +471,7 @@ def cmd_quantize(args, argv: Sequence[str]) -> int:
     start = time.perf_counter()
     _, report = quantize_model(model, config, fisher=fisher, apply="modules", progress=progress)
     seconds = time.perf_counter() - start
-    _mark_quantized(model, config, report)
+    mark_quantized(model, config, report)
     if args.eval:
         set_weight_cache(model)
         result = evaluate_against_reference(model, reference, progress=progress)

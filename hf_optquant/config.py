@@ -107,7 +107,9 @@ class OptQuantConfig(QuantizationConfigMixin):
         check_choice(owner, "distribution", self.distribution, ("auto", "normal", "laplace", "student_t"))
         check_choice(owner, "allocation", self.allocation, ALLOCATIONS)
         check_range(owner, "min_bits", self.min_bits, 0.5, 16.0)
-        check_range(owner, "max_bits", self.max_bits, self.min_bits, 16.0)
+        check_range(owner, "max_bits", self.max_bits, 0.5, 16.0)
+        if self.min_bits > self.max_bits:
+            raise ValueError(f"{owner}.min_bits ({self.min_bits}) must not exceed max_bits ({self.max_bits})")
         if not self.min_bits <= self.bits <= self.max_bits:
             raise ValueError(f"{owner}.bits must lie in [min_bits, max_bits] = "
                              f"[{self.min_bits}, {self.max_bits}], got {self.bits}")

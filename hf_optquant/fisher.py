@@ -12,7 +12,8 @@ summed log-likelihood is accumulated and divided by the number of predicted toke
   cross-token terms vanish in expectation and the estimate is unbiased per token.
 * ``mode="empirical"``: targets are the text's next tokens (the "empirical Fisher").
 
-Per-tensor sums are always kept (float64 scalars); per-element values (float32, the
+Per-tensor sums are always kept (float64 scalars, accumulated on the weights' devices so
+the backward pass never waits for the host); per-element values (float32, the
 size of the weights) only when ``per_element=True``.  Gradients are consumed by a hook
 as soon as each weight's gradient is ready, so at most one weight gradient lives at a
 time beyond what autograd itself holds; ``gradient_checkpointing`` trades compute for
@@ -82,46 +83,49 @@ def estimate_fisher(
     weights = dict(weights if weights is not None else linear_weights(model))
     if not weights:
         raise ValueError("estimate_fisher: no weights to estimate (the model has no nn.Linear?)")
-    sums = dict.fromkeys(weights, 0.0)
+    sums = {n: torch.zeros((), dtype=torch.float64, device=p.device) for n, p in weights.items()}
     dense = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in weights.items()} if per_element else None
     device = next(iter(weights.values())).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}  # per logits device (a model split over GPUs)
 
     with _only_these_require_grad(model, weights.values()), \
             _deterministic_forward(model, gradient_checkpointing):
         handles = [_accumulate_on_ready(p, name, sums, dense) for name, p in weights.items()]
         try:
             for row in tqdm(sequences, desc=f"Fisher ({mode})", disable=not progress, unit="seq"):
-                _backward_one(model, row.to(device)[None], mode, generator)
+                _backward_one(model, row.to(device)[None], mode, generators, seed)
         finally:
             for handle in handles:
                 handle.remove()
     tokens = sequences.shape[0] * (sequences.shape[1] - 1)
-    sums = {n: s / tokens for n, s in sums.items()}
+    sums = {n: float(s) / tokens for n, s in sums.items()}
     if dense is not None:
         dense = {n: t.div_(tokens) for n, t in dense.items()}
     return FisherEstimate(sums, {n: p.numel() for n, p in weights.items()}, tokens,
                           sequences.shape[0], mode, dense)
 
 
-def _backward_one(model: nn.Module, ids: torch.Tensor, mode: str, generator: torch.Generator) -> None:
+def _backward_one(model: nn.Module, ids: torch.Tensor, mode: str, generators: dict, seed: int) -> None:
     logits = model(input_ids=ids).logits[:, :-1].float()
     log_probs = torch.log_softmax(logits, dim=-1)
     if mode == "sampled":
+        dev = log_probs.device
+        if dev not in generators:
+            generators[dev] = torch.Generator(device=dev).manual_seed(seed)
         with torch.no_grad():
             targets = torch.multinomial(log_probs.exp().reshape(-1, log_probs.shape[-1]), 1,
-                                        generator=generator).reshape(ids.shape[0], -1)
+                                        generator=generators[dev]).reshape(ids.shape[0], -1)
     else:
-        targets = ids[:, 1:]
+        targets = ids[:, 1:].to(log_probs.device)
     log_likelihood = log_probs.gather(-1, targets[..., None]).sum()
     log_likelihood.backward()
 
 
-def _accumulate_on_ready(param: nn.Parameter, name: str, sums: dict[str, float],
+def _accumulate_on_ready(param: nn.Parameter, name: str, sums: dict[str, torch.Tensor],
                          dense: dict[str, torch.Tensor] | None):
     def hook(p: torch.Tensor) -> None:
         g2 = p.grad.detach().float().square()
-        sums[name] += float(g2.sum(dtype=torch.float64))
+        sums[name] += g2.sum(dtype=torch.float64)  # stays on the device: no sync inside backward
         if dense is not None:
             dense[name].add_(g2)
         p.grad = None

@@ -53,9 +53,10 @@ from .serialization import (
     dumps_metadata,
     read_checkpoint,
     verify_module,
+    verify_unquantised,
 )
 
-__all__ = ["OptQuantHfQuantizer", "register"]
+__all__ = ["OptQuantHfQuantizer", "register", "mark_quantized"]
 
 logger = logging.get_logger(__name__)
 
@@ -160,6 +161,7 @@ class OptQuantHfQuantizer(HfQuantizer):
                 module = model.get_submodule(target)
                 offloaded = getattr(getattr(module, "_hf_hook", None), "offload", False)
                 verify_module(target, module, meta["modules"][name], skip_meta=bool(offloaded))
+            verify_unquantised(model, meta)
             return model
         self._quantize(model)
         return model
@@ -224,6 +226,16 @@ class OptQuantHfQuantizer(HfQuantizer):
                     linear.bias.copy_(module.bias)
             set_submodule(model, name, linear)
         return model
+
+
+def mark_quantized(model: PreTrainedModel, config: OptQuantConfig, report: Any = None) -> None:
+    """Make a model quantised with :func:`~hf_optquant.quantize.quantize_model` (``apply="modules"``)
+    look like one from ``from_pretrained(..., quantization_config=config)``: ``save_pretrained`` then
+    writes an optquant checkpoint that ``from_pretrained(dir)`` reloads."""
+    model.hf_quantizer = OptQuantHfQuantizer(config, pre_quantized=False)
+    model.config.quantization_config = config
+    if report is not None:
+        model.optquant_report = report
 
 
 def _shield_parents_from_init(model: nn.Module, names) -> None:

@@ -29,7 +29,7 @@ from hf_optquant.coding import (
     encode_symbols,
     stream_from_tensors,
 )
-from hf_optquant.coding.layout import CHUNK_WORDS, FREQS, HEADER, HEADER_LEN, PAYLOAD, Header
+from hf_optquant.coding.layout import HEADER, HEADER_LEN, TENSOR_NAMES, Header
 from hf_optquant.coding.stream import _crc
 
 EXAMPLES = int(os.environ.get("HF_OPTQUANT_FUZZ_EXAMPLES", "200"))
@@ -40,17 +40,19 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-NAMES = (HEADER, FREQS, CHUNK_WORDS, PAYLOAD)
+NAMES = TENSOR_NAMES
 
 
 @functools.cache
 def base_streams() -> dict[str, tuple[CodedStream, torch.Tensor]]:
-    """Small streams covering escapes, several chunks, one symbol, and empty input."""
+    """Small streams covering escapes, several groups, 2-D rows, one symbol, and empty input."""
     rng = np.random.default_rng(SEED + 12345)
     t5 = np.round(rng.standard_t(5, 1500) * 6).astype(np.int64)
     t5[rng.choice(t5.size, 4, replace=False)] = [10**9, -(2**40), 2**63 - 1, 300]
+    low = np.round(rng.standard_t(5, (40, 64)) * 0.6).astype(np.int64)  # low entropy: tail_ext entries
     inputs = {
-        "escapes": (t5, 128),
+        "escapes": (t5, 16),
+        "rows": (low, 64),  # encoded with row_length=64 below
         "tiny": (rng.integers(-2, 3, 9).astype(np.int64), 4),
         "single": (np.full(700, -5, np.int64), 256),
         "empty": (np.zeros(0, np.int64), 64),
@@ -58,7 +60,9 @@ def base_streams() -> dict[str, tuple[CodedStream, torch.Tensor]]:
     out = {}
     for name, (q, chunk) in inputs.items():
         sym = torch.from_numpy(q)
-        out[name] = (encode_symbols(sym, chunk_size=chunk), sym)
+        rows = sym.shape[-1] if sym.dim() == 2 else None
+        out[name] = (encode_symbols(sym, chunk_size=chunk, row_length=rows), sym.reshape(-1))
+    assert out["rows"][0].header.num_tail_ext > 0 and out["rows"][0].header.payload_words > 0
     return out
 
 
@@ -73,10 +77,11 @@ values = st.one_of(
 
 
 @FUZZ
-@given(data=st.lists(values, max_size=400), chunk_size=st.integers(1, 70))
-def test_arbitrary_arrays_round_trip(data: list[int], chunk_size: int) -> None:
+@given(data=st.lists(values, max_size=400), chunk_size=st.integers(1, 70), cols=st.integers(0, 40))
+def test_arbitrary_arrays_round_trip(data: list[int], chunk_size: int, cols: int) -> None:
     sym = torch.tensor(data, dtype=torch.int64)
-    out = decode_symbols(encode_symbols(sym, chunk_size=chunk_size))
+    rows = cols or None  # cols > 0: the GPU row layout (a short last row included)
+    out = decode_symbols(encode_symbols(sym, chunk_size=chunk_size, row_length=rows))
     assert torch.equal(out, sym)
 
 
@@ -159,9 +164,8 @@ def _fix_crc(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if header.size != HEADER_LEN:
         return tensors
     h = Header.from_array(header)
-    u16 = [tensors[k].numpy().view(np.uint16) for k in (FREQS, CHUNK_WORDS, PAYLOAD)]
     fixed = header.copy()
-    fixed[-1] = _crc(h, *u16)
+    fixed[-1] = _crc(h, tensors)
     return {**tensors, HEADER: torch.from_numpy(fixed)}
 
 
@@ -169,7 +173,7 @@ def _fix_crc(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @FUZZ
-@given(data=st.data(), base=st.sampled_from(["escapes", "tiny", "single", "empty"]),
+@given(data=st.data(), base=st.sampled_from(["escapes", "rows", "tiny", "single", "empty"]),
        structural=st.booleans())
 def test_mutated_streams_are_detected(data, base: str, structural: bool) -> None:
     stream, original = base_streams()[base]
@@ -188,7 +192,7 @@ def test_mutated_streams_are_detected(data, base: str, structural: bool) -> None
 
 
 @FUZZ
-@given(data=st.data(), base=st.sampled_from(["escapes", "tiny", "single", "empty"]))
+@given(data=st.data(), base=st.sampled_from(["escapes", "rows", "tiny", "single", "empty"]))
 def test_forged_crc_streams_fail_cleanly(data, base: str) -> None:
     stream, _ = base_streams()[base]
     mutated = _fix_crc(data.draw(byte_mutation(stream.tensors)))

@@ -137,6 +137,22 @@ def test_clamped_allocation_still_meets_the_budget():
         fisher_allocation(stats, 9.0)
 
 
+def test_fisher_allocation_respects_per_tensor_floors():
+    stats = _stats(seed=9)
+    numels = {n: s.numel for n, s in stats.items()}
+    free = fisher_allocation(stats, 3.0, min_bits=-50, max_bits=50)
+    low = min(free, key=free.get)
+    floors = {low: free[low] + 1.0}  # e.g. a small tensor whose scales and code table cost that much
+    bits = fisher_allocation(stats, 3.0, min_bits=-50, max_bits=50, floors=floors)
+    assert bits[low] == pytest.approx(floors[low], abs=1e-9)
+    assert mean_bits(bits, numels) == pytest.approx(3.0, abs=1e-9)
+    a, b = [n for n in stats if n != low][:2]
+    assert bits[a] - bits[b] == pytest.approx(free[a] - free[b], abs=1e-9)  # the rule holds for the others
+    assert bits[a] < free[a]  # and they paid for the floor
+    with pytest.raises(ValueError, match="budget"):
+        fisher_allocation(stats, 3.0, min_bits=1.0, max_bits=8.0, floors=dict.fromkeys(stats, 3.5))
+
+
 def test_round_allocation_respects_budget_and_options():
     stats = _stats(seed=7)
     numels = {n: s.numel for n, s in stats.items()}

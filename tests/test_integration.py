@@ -25,7 +25,7 @@ from hf_optquant import quantize as quantize_module
 from hf_optquant.config import OptQuantConfig
 from hf_optquant.nn import QuantLinear, buffer_name, set_weight_cache, tensor_key
 from hf_optquant.quantizer import OptQuantHfQuantizer
-from hf_optquant.serialization import FORMAT_VERSION, METADATA_KEY, tensor_crc32
+from hf_optquant.serialization import FORMAT_VERSION, METADATA_KEY, seal_metadata, tensor_crc32
 
 VOCAB = 256
 
@@ -322,7 +322,7 @@ def _rewrite(path, edit_tensors=None, edit_meta=None):
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(meta)
-    metadata[METADATA_KEY] = json.dumps(meta)
+    metadata[METADATA_KEY] = json.dumps(seal_metadata(meta))  # re-sealed: these tests target deeper checks
     save_file(tensors, path, metadata=metadata)
 
 
@@ -343,9 +343,9 @@ def test_entropy_coder_crc_catches_corruption_even_with_a_matching_metadata_chec
     _flip_byte(path, f"{module}.{buffer_name(key)}", index=3)
     fixed = tensor_crc32(load_file(path)[f"{module}.{buffer_name(key)}"])
     _rewrite(path, edit_meta=lambda m: m["modules"][module]["tensors"][key].update(crc32=fixed))
-    model = _reload(out)  # the metadata checksum matches the corrupted bytes now
-    with pytest.raises(ValueError):
-        _logits(model)
+    # the metadata checksum matches the corrupted bytes now; the stream's own CRC is checked on load
+    with pytest.raises(ValueError, match=f"encoded tensors of {module}"):
+        _logits(_reload(out))
 
 
 def _set_version(meta):

@@ -1,21 +1,19 @@
 """Fast prediction of ``encode_symbols(...).nbits`` without running the coder.
 
-Everything except the rANS payload is known exactly from the code table: header
-(``8 * 8 * HEADER_LEN``), table (16 bits per alphabet entry), chunk sizes (16 bits per chunk).
-The payload of a chunk is ``32 + 16 * words`` bits, and since the encoder starts at state 1,
-``16 * words ~= I + loss - log2(final_state)``, where ``I`` is the chunk's ideal information
-(``sum log2(M / f)`` plus raw escape bits). The final state is roughly log-uniform on
-``[2**16, 2**32)`` (mean 24 bits) once a chunk holds more than 32 bits, and equals
-``2**I`` below 16 bits. ``loss`` is rANS's finite-precision loss (state lower bound only
-16x the probability scale). Measured on Normal/Laplace/Student-t/uniform indices (2M
-symbols each, 0.1-9 ideal bits/symbol) it falls from 0.0022 b/sym at <= 1 bit/symbol to
-0.0004-0.0006 at 9 bits/symbol; ``rans_loss_per_symbol`` fits the Normal/Laplace/Student-t
-points between 1 and 9 bits/symbol to within 0.0003 b/sym (it is up to 0.001 b/sym high for
-dyadic distributions and below 1 bit/symbol, still < 0.1 % of the size at >= 1 b/sym).
+Everything except the rANS payload is known exactly from the code table and the geometry:
+header (``8 * 8 * HEADER_LEN``), table (16 bits per alphabet entry), raw escape bits, per lane a
+32-bit state and a 4-bit tail count, per group a 32-bit word count. The words of a lane cost
+``16 * words ~= I + loss - log2(final_state)`` bits, where ``I`` is the lane's ideal information
+(``sum log2(M / f)``); since the encoder starts at state 1, the final state is roughly
+log-uniform on ``[2**16, 2**32)`` (mean 24 bits) once a lane holds more than 32 bits, and equals
+``2**I`` below 16 bits. ``loss`` is mostly a per-lane constant: from state 1 the first symbols
+grow the state by ``c + 1`` rather than by ``M / f`` (measured: 12.5-16 bits per lane above the
+information on Normal/Laplace/Student-t indices, of which ~8 are the flushed state's unused
+bits, so ``INITIAL_LOSS_BITS = 7``), plus a small per-symbol precision loss.
 
 Accuracy (tests/test_coding.py checks it): within 0.5 % of the real size for tensors of
->= 64k symbols from the test distributions, and within ~24 bits per chunk in general.
-It costs one histogram pass plus the table search, i.e. no per-symbol Python work.
+>= 64k symbols from the test distributions, and within ~24 bits per lane in general (plus the
+rare tail-count extensions, 64 bits each).
 """
 
 from __future__ import annotations
@@ -23,46 +21,44 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .layout import DEFAULT_CHUNK_SIZE, HEADER_LEN, STATE_WORDS, WORD_BITS
-from .rans import LaneGeometry
-from .stream import _as_values, _check_chunk_size
+from .layout import GROUP_LANES, HEADER_LEN, WORD_BITS
+from .stream import _as_values, stream_geometry
 from .table import CodeTable, build_code_table
 
 FINAL_STATE_MEAN_BITS = 24.0
-_STATE_BITS = STATE_WORDS * WORD_BITS
-_SIZE_ENTRY_BITS = 16
+INITIAL_LOSS_BITS = 7.0
+_STATE_BITS = 2 * WORD_BITS
 
 
 def rans_loss_per_symbol(ideal_bits_per_symbol: float) -> float:
-    """Measured rANS precision loss (b/sym) as a function of ideal bits per symbol."""
-    return min(0.0022, max(0.0004, 0.0026 - 0.00025 * ideal_bits_per_symbol))
+    """rANS precision loss (b/sym) beyond the per-lane start-up loss; small."""
+    return 0.0002
 
 
-def estimate_from_table(table: CodeTable, num_symbols: int, chunk_size: int) -> float:
-    """Predicted stored bits for ``num_symbols`` symbols described by ``table``."""
-    geometry = LaneGeometry(num_symbols, chunk_size)
-    fixed = 64.0 * HEADER_LEN + table.table_bits + _SIZE_ENTRY_BITS * geometry.num_chunks
+def estimate_from_table(table: CodeTable, lane_lengths: np.ndarray, num_symbols: int) -> float:
+    """Predicted stored bits for the lanes ``lane_lengths`` of data described by ``table``."""
+    lanes = lane_lengths.size
+    fixed = 64.0 * HEADER_LEN + table.table_bits + 8 * -(-table.raw_bits // 8)
+    fixed += lanes * (_STATE_BITS + 4) + 32 * (lanes // GROUP_LANES)
     if num_symbols == 0:
         return fixed
-    ideal = table.payload_bits / num_symbols
-    per_symbol = ideal + rans_loss_per_symbol(ideal)
-    lens = np.full(geometry.num_chunks, float(chunk_size))
-    lens[-1] = geometry.last_len
-    info = per_symbol * lens
-    # A chunk stores its 32-bit final state plus whatever was emitted: nothing while the
-    # information stays below 16 bits, ~info - 24 bits (mean log2 of the final state) after.
-    chunk_bits = np.maximum(_STATE_BITS, info + (_STATE_BITS - FINAL_STATE_MEAN_BITS))
-    chunk_bits = np.where(info < 16.0, _STATE_BITS, chunk_bits)
-    return fixed + float(chunk_bits.sum())
+    ideal = (table.payload_bits - table.raw_bits) / num_symbols  # raw escape bits are stored out of band
+    # A lane whose last ~20 bits span >= 15 steps needs a 16-bit tail_ext entry (measured logistic fit)
+    fixed += 16.0 * np.count_nonzero(lane_lengths) / (1.0 + np.exp(min((ideal - 1.6) / 0.17, 50.0)))
+    info = (ideal + rans_loss_per_symbol(ideal)) * lane_lengths.astype(np.float64)
+    # Words cost ~info - 24 bits once a lane holds > 32 bits (the state keeps ~24), none below 16.
+    words = np.maximum(0.0, info + INITIAL_LOSS_BITS - FINAL_STATE_MEAN_BITS)
+    words = np.where(info < 16.0, 0.0, words)
+    return fixed + float(words.sum())
 
 
-def estimate_bits(symbols: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
-    """Fast estimate of ``encode_symbols(symbols, chunk_size=chunk_size).nbits``.
+def estimate_bits(symbols: torch.Tensor, *, chunk_size: int | None = None, row_length: int | None = None) -> float:
+    """Fast estimate of ``encode_symbols(symbols, chunk_size=chunk_size, row_length=row_length).nbits``.
 
-    Builds the same code table as the encoder (so table, header and offset bits are exact)
-    and models only the per-chunk rANS flush and precision loss; see the module docstring
-    for the measured accuracy.
+    Builds the same code table as the encoder (so table, header, lane and escape bits are
+    exact) and models only the per-lane rANS flush and precision loss; see the module docstring.
     """
-    _check_chunk_size(chunk_size)
     values = _as_values(symbols)
-    return estimate_from_table(build_code_table(values), values.size, chunk_size)
+    geometry, window = stream_geometry(values.numel(), chunk_size, row_length)
+    table = build_code_table(values, window)
+    return estimate_from_table(table, geometry.lane_lengths(), geometry.num_symbols)

@@ -3,8 +3,8 @@
 This is measurement tooling, not a shipped codec: the coder is rANS because a prefix code
 pays ``>= 0.03`` b/sym of redundancy on uniform-grid indices (see benchmarks/coding.py).
 To make that comparison fair we compute, exactly, what the equivalent Huffman format would
-store: the same alphabet and escape buckets, canonical code lengths limited to 12 bits (a
-4096-entry decode table, like rANS), 4 bits per table entry, chunks padded to 16-bit words
+store: the same alphabet and stored escaped values, canonical code lengths limited to 12 bits
+(a 4096-entry decode table, like rANS), 4 bits per table entry, chunks padded to 16-bit words
 and a 16-bit word count per chunk. Sizes follow from the code lengths alone, so no
 bitstream is needed to know them.
 """
@@ -12,10 +12,10 @@ bitstream is needed to know them.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .alphabet import map_values
 from .layout import HEADER_LEN
-from .rans import LaneGeometry
 from .table import build_code_table
 
 MAX_CODE_LEN = 12
@@ -101,15 +101,14 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
 def huffman_stored_bits(values: np.ndarray, chunk_size: int) -> int:
     """Exact stored size of the 12-bit-limited canonical Huffman layout described above."""
     values = np.asarray(values, dtype=np.int64).reshape(-1)
-    geometry = LaneGeometry(values.size, chunk_size)
-    fixed = 64 * HEADER_LEN + 16 * geometry.num_chunks
+    num_chunks = -(-values.size // chunk_size)
+    fixed = 64 * HEADER_LEN + 16 * num_chunks
     if values.size == 0:
         return fixed
-    table = build_code_table(values)
+    table = build_code_table(torch.from_numpy(values))
     lengths = huffman_lengths(table.counts)
-    mapped = map_values(values, table.alphabet)
-    bits = lengths[mapped.index]
-    bits[mapped.escape_pos] += mapped.escape_bits
+    mapped = map_values(torch.from_numpy(values), table.alphabet)
+    bits = lengths[mapped.index.numpy()]
     per_chunk = np.bincount(np.arange(values.size) // chunk_size, weights=bits)
     padded = 16 * np.ceil(per_chunk / 16.0)
-    return int(fixed + LENGTH_ENTRY_BITS * table.alphabet.size + padded.sum())
+    return int(fixed + LENGTH_ENTRY_BITS * table.alphabet.size + table.raw_bits + padded.sum())

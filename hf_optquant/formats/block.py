@@ -25,6 +25,8 @@ SCALE_FORMATS = ("fp32", "bf16", "fp16", "fp8_e4m3", "e8m0")
 _SCALE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8_e4m3": 8, "e8m0": 8}
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FP8_MAX = 448.0
+_SCALE_RANGES = ("'fp32'/'bf16': about 1e-38..3e38, 'e8m0': 2**-126..2**127, 'fp16': about 6e-8..65504, "
+                 "'fp8_e4m3': 2**-9..448 times its fp32 outer scale")
 
 
 class BlockView(NamedTuple):
@@ -113,7 +115,7 @@ class Scaling(Spec):
             pick = x.abs().argmax(dim=-1, keepdim=True)
             stat = x.gather(-1, pick).squeeze(-1)
         else:
-            stat = (x.double().square().sum(-1) / view.counts.double()).sqrt().float()
+            stat = (x.double().square().sum(-1) / view.counts.to(x.device).double()).sqrt().float()
         return stat * (self.multiplier / reference)
 
     # ---- storage --------------------------------------------------------------------
@@ -123,16 +125,32 @@ class Scaling(Spec):
         return r * nb * _SCALE_BITS[self.scale_format] + extra
 
     def encode_scales(self, scales: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Round scales to the scale format; returns the tensors to store."""
+        """Round scales to the scale format; returns the tensors to store.
+
+        Range policy (a scale the format cannot hold is an error, never a silent inf/NaN or a
+        whole block decoding to zero): ``fp32``/``bf16``/``fp16``/``e8m0`` raise ValueError if a
+        scale overflows, or if a non-zero scale rounds to zero (fp16 below ~6e-8, bf16/fp32 only
+        for float32-subnormal weights).  ``fp8_e4m3`` is relative to its fp32 outer scale: blocks
+        more than ~2**17 below the tensor's largest block flush to zero, as in MX-style formats.
+        """
         fmt = self.scale_format
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"Scaling: scales overflow float32 (weights near the float32 limit with "
+                             f"multiplier={self.multiplier}); cannot quantise this tensor")
         if fmt in _FLOAT_DTYPES:
-            return {"scales": scales.to(_FLOAT_DTYPES[fmt]).contiguous()}
+            stored = scales.to(_FLOAT_DTYPES[fmt]).contiguous()
+            _check_scale_range(fmt, scales, stored.float())
+            return {"scales": stored}
         if fmt == "fp8_e4m3":
             peak = float(scales.abs().max()) if scales.numel() else 0.0
             outer = torch.tensor([peak / _FP8_MAX if peak > 0 else 1.0], dtype=torch.float32)
+            if outer[0] == 0:  # peak below 448 * 2**-149: float32 cannot hold the outer scale
+                _check_scale_range(fmt, scales, torch.zeros_like(scales))
             inner = (scales / outer).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
             return {"scales": inner.contiguous(), "scales.outer": outer}
-        return {"scales": _encode_e8m0(scales, round_up=self.statistic != "rms")}
+        stored = _encode_e8m0(scales, round_up=self.statistic != "rms")
+        _check_scale_range(fmt, scales, _decode_e8m0(stored))
+        return {"scales": stored}
 
     def decode_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         stored = tensors["scales"]
@@ -141,6 +159,22 @@ class Scaling(Spec):
         if self.scale_format == "fp8_e4m3":
             return stored.float() * tensors["scales.outer"].float()
         return _decode_e8m0(stored)
+
+
+def _check_scale_range(fmt: str, scales: torch.Tensor, stored: torch.Tensor) -> None:
+    """Raise if rounding to ``fmt`` moved a scale by more than a factor of two: inf/NaN, a
+    clamped exponent, or a non-zero scale flushed to zero (or, for e8m0, raised to 2**-126)."""
+    magnitude, kept = scales.abs().double(), stored.abs().double()
+    nonzero = magnitude > 0
+    bad = ~torch.isfinite(kept) | (nonzero & ((kept < magnitude / 2) | (kept > magnitude * 2)))
+    if bool(bad.any()):
+        index = int(torch.nonzero(bad.reshape(-1))[0])
+        span = magnitude[nonzero]
+        raise ValueError(
+            f"Scaling.scale_format {fmt!r} cannot represent the scale {float(magnitude.reshape(-1)[index]):.3g} "
+            f"(it would be stored as {float(stored.reshape(-1)[index]):.3g}); this tensor's non-zero scales span "
+            f"[{float(span.min()):.3g}, {float(span.max()):.3g}]; use a scale_format whose range covers them "
+            f"({_SCALE_RANGES})")
 
 
 def _encode_e8m0(scales: torch.Tensor, round_up: bool) -> torch.Tensor:

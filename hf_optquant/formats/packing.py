@@ -85,7 +85,7 @@ def unpack_codes(packed: torch.Tensor, levels: int, count: int) -> torch.Tensor:
             f"packed codes must be {expected} uint8 bytes for {count} codes of {levels} levels, "
             f"got {packed.numel()} x {packed.dtype}"
         )
-    data = packed.numpy()
+    data = packed.contiguous().reshape(-1).numpy()  # bytes are bytes: any shape with the right count
     layout = packing_layout(levels)
     if layout.kind == "bitstream":
         bits = np.unpackbits(data, bitorder="little")[: count * layout.bits].reshape(-1, layout.bits)

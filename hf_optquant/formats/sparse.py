@@ -70,15 +70,19 @@ class SparseOutliers(Spec):
         }
 
     def decode(self, tensors: dict[str, torch.Tensor], rows: int, cols: int) -> Outliers:
+        if any(tensors[k].ndim != 1 for k in ("outliers.row_ptr", "outliers.col", "outliers.val")):
+            raise ValueError("sparse outlier tensors must be 1-D")
         row_ptr = tensors["outliers.row_ptr"].long()
         cols_idx = tensors["outliers.col"].long()
         values = tensors["outliers.val"].float()
         k = cols_idx.numel()
         ok = (row_ptr.numel() == rows + 1 and int(row_ptr[0]) == 0 and int(row_ptr[-1]) == k
               and bool((row_ptr[1:] >= row_ptr[:-1]).all()) and values.numel() == k
-              and (k == 0 or (int(cols_idx.min()) >= 0 and int(cols_idx.max()) < cols)))
+              and (k == 0 or (int(cols_idx.min()) >= 0 and int(cols_idx.max()) < cols))
+              and bool(torch.isfinite(values).all()))
         if not ok:
-            raise ValueError("sparse outlier tensors are inconsistent (row pointer, column bounds or counts)")
+            raise ValueError("sparse outlier tensors are inconsistent (row pointer, column bounds, counts or "
+                             "non-finite values)")
         row_of = torch.repeat_interleave(torch.arange(rows), row_ptr[1:] - row_ptr[:-1])
         return Outliers(row_of, cols_idx, values)
 

@@ -43,14 +43,17 @@ def register_spec(kind: str):
 
 def check_choice(owner: str, field: str, value: Any, allowed: Iterable[Any]) -> None:
     allowed = tuple(allowed)
-    if value not in allowed:
+    # match type as well as value: 1 == True and 0.0 == False would otherwise pass for a boolean choice
+    if not any(isinstance(value, type(option)) and value == option for option in allowed):
         raise ValueError(f"{owner}.{field} must be one of {list(allowed)}, got {value!r}")
 
 
 def check_range(
     owner: str, field: str, value: Any, low: float | None = None, high: float | None = None
 ) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # ints compare exactly; math.isfinite(int) would raise OverflowError above ~1e308 (e.g. a fuzzed JSON number)
+    ok = ok and (isinstance(value, int) or math.isfinite(value))
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
     if not ok:
         lo = "-inf" if low is None else low

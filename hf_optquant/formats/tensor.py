@@ -84,7 +84,8 @@ class EncodedTensor:
         if meta.get("dtype") not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {meta.get('dtype')!r}")
         shape = meta.get("shape")
-        if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and shape
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
             raise ValueError(f"shape must be a non-empty list of non-negative ints, got {shape!r}")
         return cls(fmt, tuple(shape), _DTYPES[meta["dtype"]], dict(tensors))
 
@@ -163,7 +164,10 @@ class TensorFormat(Spec):
             w2d = SparseOutliers.restore(w2d, parts.outliers)
         if self.rotation is not None:
             w2d = self.rotation.unrotate(w2d)
-        return w2d.reshape(shape).to(dtype)
+        if not bool(torch.isfinite(w2d).all()):
+            raise ValueError("decoded weights are not finite: the stored scales, table or outliers are corrupt, or "
+                             "the weights lie so close to the float32 limit that a rounded-up scale overflows")
+        return _saturating_cast(w2d.reshape(shape), dtype)
 
     def quantise(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Fake quantisation: the tensor ``decode(encode(w))`` would give."""
@@ -196,10 +200,7 @@ class TensorFormat(Spec):
         validating them; kernels start from here instead of from the decoded weights."""
         rows, cols = _as_2d_shape(encoded.shape)
         tensors = encoded.tensors
-        _require(tensors, ["scales"] + (["scales.outer"] if self.scaling.scale_format == "fp8_e4m3" else []))
-        scales = self.scaling.decode_scales(tensors)
-        if tuple(scales.shape) != self.scaling.grid_shape(rows, cols):
-            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {self.scaling.grid_shape(rows, cols)}")
+        scales = self._checked_scales(tensors, rows, cols)
         if self.variable_length:
             from ..coding import decode_symbols, stream_from_tensors
 
@@ -212,8 +213,55 @@ class TensorFormat(Spec):
             table = self._stored_table(tensors, rows, cols)
             _require(tensors, ["codes"])
             codes = packing.unpack_codes(tensors["codes"], table.numel(), rows * cols)
-        outliers = self.sparse.decode(tensors, rows, cols) if self.sparse is not None else None
+        outliers = None
+        if self.sparse is not None:
+            _require(tensors, ["outliers.row_ptr", "outliers.col", "outliers.val"])
+            outliers = self.sparse.decode(tensors, rows, cols)
         return QuantisedParts(codes.reshape(rows, cols), scales, {}, table, outliers)
+
+    def validate_tensors(self, shape: tuple[int, ...], tensors: dict[str, torch.Tensor]) -> None:
+        """Cheap structural check of stored tensors against this format, without decoding: the
+        expected keys and no others, scale shape and finiteness, packed code size and table,
+        the entropy-coded stream's header, table and CRC, and the outlier index structure.
+        Run on load, so a checkpoint whose spec and tensors disagree fails there, not in forward."""
+        rows, cols = _as_2d_shape(tuple(shape))
+        expected = {"scales"} | ({"scales.outer"} if self.scaling.scale_format == "fp8_e4m3" else set())
+        if self.sparse is not None:
+            expected |= {"outliers.row_ptr", "outliers.col", "outliers.val"}
+        if not self.variable_length:
+            expected |= {"codes"} | ({"lut"} if self.element.stores_table else set())
+        coded = {k for k in tensors if self.variable_length and k.startswith("codes.")}
+        unknown = sorted(k for k in tensors if k not in expected and k not in coded)
+        if unknown:
+            raise ValueError(f"unexpected encoded tensors {unknown} for a {self.element.kind} format")
+        _require(tensors, sorted(expected))
+        self._checked_scales(tensors, rows, cols)
+        if self.variable_length:
+            from ..coding import stream_from_tensors
+
+            stream = stream_from_tensors({k[len("codes."):]: v for k, v in tensors.items() if k.startswith("codes.")})
+            if stream.num_symbols != rows * cols:
+                raise ValueError(f"entropy-coded stream holds {stream.num_symbols} symbols, expected {rows * cols}")
+        else:
+            levels = self._stored_table(tensors, rows, cols).numel()
+            codes = tensors["codes"]
+            if codes.dtype != torch.uint8 or codes.numel() != packing.packed_nbytes(rows * cols, levels):
+                raise ValueError(f"packed codes must be {packing.packed_nbytes(rows * cols, levels)} uint8 bytes, "
+                                 f"got {codes.numel()} x {codes.dtype}")
+        if self.sparse is not None:
+            self.sparse.decode(tensors, rows, cols)
+
+    def _checked_scales(self, tensors: dict[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+        _require(tensors, ["scales"] + (["scales.outer"] if self.scaling.scale_format == "fp8_e4m3" else []))
+        outer = tensors.get("scales.outer")
+        if outer is not None and outer.numel() != 1:
+            raise ValueError(f"scales.outer must hold one value, got shape {tuple(outer.shape)}")
+        scales = self.scaling.decode_scales(tensors)
+        if tuple(scales.shape) != self.scaling.grid_shape(rows, cols):
+            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {self.scaling.grid_shape(rows, cols)}")
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError("stored scales contain NaN or Inf (corrupt data)")
+        return scales
 
     def storage_bits(self, shape: tuple[int, ...]) -> int | None:
         """Exact stored bits for a tensor of ``shape``; None if it depends on the data."""
@@ -237,8 +285,12 @@ class TensorFormat(Spec):
         if w.ndim == 0:
             raise ValueError("cannot quantise a 0-d tensor")
         w2d = w.detach().reshape(_as_2d_shape(tuple(w.shape))).float().cpu()
-        if not torch.isfinite(w2d).all():
-            raise ValueError("weights contain NaN or Inf; refusing to quantise them")
+        finite = torch.isfinite(w2d)
+        if not bool(finite.all()):
+            first = divmod(int(torch.nonzero(~finite.reshape(-1))[0]), w2d.shape[1])
+            raise ValueError(f"weights contain {int((~finite).sum())} NaN/Inf values (first at row, column {first}); "
+                             "refusing to quantise them (keep such a module in full precision with "
+                             "modules_to_not_convert)")
         return self.rotation.rotate(w2d) if self.rotation is not None else w2d
 
     def _weight_2d(self, weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -267,9 +319,19 @@ class TensorFormat(Spec):
             return self.element.table(self.scaling.statistic, self.scaling.block_elements(rows, cols))
         _require(tensors, ["lut"])
         lut = tensors["lut"]
-        if lut.dtype != torch.float32 or lut.numel() != self.element.num_levels or not torch.isfinite(lut).all():
-            raise ValueError(f"stored lut must be {self.element.num_levels} finite float32 values")
+        if (lut.dtype != torch.float32 or lut.ndim != 1 or lut.numel() != self.element.num_levels
+                or not torch.isfinite(lut).all()):
+            raise ValueError(f"stored lut must be 1-D: {self.element.num_levels} finite float32 values")
         return lut.double()
+
+
+def _saturating_cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast float32 weights to ``dtype``, saturating at its largest finite value: a float16 weight
+    near 65504 whose block scale rounded up must decode to +-65504, not to inf."""
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(w.dtype).max:
+        limit = torch.finfo(dtype).max
+        w = w.clamp(-limit, limit)
+    return w.to(dtype)
 
 
 def _require(tensors: dict[str, torch.Tensor], names: list[str]) -> None:
