@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tiny_models import VOCAB, tiny_llama
 
 import hf_optquant  # noqa: F401
 from hf_optquant import OptQuantConfig
 from hf_optquant.nn import QuantLinear
-from tiny_models import VOCAB, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
