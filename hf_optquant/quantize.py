@@ -158,7 +158,14 @@ def plan_bits(weights: Mapping[str, torch.Tensor], config: OptQuantConfig,
         targets = fisher_allocation(stats, config.bits, config.min_bits, config.max_bits, floors)
         if any(o is None for o in options.values()):  # variable-length: any target above the floor is realisable
             return targets
-        return round_allocation(targets, options, {n: s.numel for n, s in stats.items()}, config.bits)
+        numels = {n: s.numel for n, s in stats.items()}
+        rounded = round_allocation(targets, options, numels, config.bits)
+        mean = sum(rounded[n] * numels[n] for n in rounded) / sum(numels.values())
+        if mean > config.bits + 1e-9:  # a fixed-length family whose narrowest width is over the budget
+            raise ValueError(f"OptQuantConfig.bits={config.bits} is below what format={config.format!r} can store "
+                             f"with this scaling ({mean:.4g} bits/parameter at its narrowest); raise bits or "
+                             "choose another format")
+        return rounded
     curves, stats = {}, {}
     for name in tqdm(weights, desc="rate-distortion curves", disable=not progress):
         w = weights[name]
@@ -487,6 +494,10 @@ def _check_sources(params: Mapping[str, nn.Parameter], weights: WeightSource | N
         raise ValueError(f"quantize_model: weights must be a callable (module name -> tensor), got {type(weights)}")
     if weights is None and any(p.device.type == "meta" for p in params.values()):
         raise ValueError("quantize_model: some linear weights are on the meta device; pass weights= to stream them")
+    for name, p in params.items():  # before Fisher estimation, which NaN/Inf would poison silently
+        if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"quantize_model: the weight of {name} contains NaN or Inf; fix the checkpoint or "
+                             f"list {name!r} in modules_to_not_convert to keep it in full precision")
     if weights is not None and fisher is None and config.needs_fisher:
         raise ValueError(f"quantize_model: streaming weights with allocation={config.allocation!r} "
                          f"(weighted_fit={config.weighted_fit}) needs a precomputed `fisher` (Fisher estimation "

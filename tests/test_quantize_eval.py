@@ -78,3 +78,15 @@ def test_grid_quantisation_of_a_model_is_entropy_coded_within_budget():
     assert report.bits_per_param <= 3.0 + 1e-9 and report.bits_per_param > 2.8
     assert all(any(k.startswith("codes.") for k in e.tensors) for e in encoded.values())
     assert report.model_bits_per_param > report.bits_per_param  # embeddings stay in fp32
+
+
+def test_fisher_allocation_refuses_a_budget_below_a_fixed_width_family():
+    """NF4 with block-64 bf16 scales stores 4.25 b/p and nothing less: a 3.5 budget must fail, not overshoot."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32))
+    ids = torch.randint(0, 64, (2, 16))
+    with pytest.raises(ValueError, match=r"bits=3.5 is below what format='nf4' can store .*4.25"):
+        quantize_model(model, OptQuantConfig(bits=3.5, format="nf4", allocation="fisher"), calibration=ids,
+                       progress=False, apply="none")

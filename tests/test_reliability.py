@@ -261,8 +261,6 @@ def _tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2) -> transformer
     return model
 
 
-@pytest.mark.xfail(strict=True, reason="quantize.py (owned elsewhere) does not yet name the tensor or check "
-                                       "finiteness before Fisher estimation; patch in the reliability report")
 @pytest.mark.parametrize("allocation", ["uniform", "fisher"])
 def test_quantize_model_names_the_tensor_holding_nan(allocation):
     model = _tiny_llama()
