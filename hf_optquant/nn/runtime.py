@@ -7,7 +7,7 @@ into one of these, once per device (``QuantLinear`` caches it):
 * :class:`LutKernelWeight` -- fixed-length lookup-table codes with block/channel/tensor scales,
   repacked for the Triton LUT GEMV/GEMM (:mod:`hf_optquant.kernels.lut_linear`);
 * :class:`GridKernelWeight` -- uniform-grid indices kept entropy-coded, decoded inside the
-  Triton kernels (:mod:`hf_optquant.kernels.grid_linear`) where that module is available;
+  Triton kernels (:mod:`hf_optquant.kernels.grid_linear`);
 * :class:`DeviceParts` -- anything else (sparse outliers, rotations, unusual block sizes): the
   codes, scales and table on the device, dequantised by torch ops at each call.
 
@@ -66,7 +66,7 @@ class GridKernelWeight:
     kind: str = "grid-kernel"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.grid_linear import grid_linear
+        from ..kernels import grid_linear
 
         return grid_linear(x, self.packed)
 
@@ -151,9 +151,10 @@ def build_runtime(encoded: EncodedTensor, device: torch.device | str, kernels: b
     fmt = encoded.format
     cpu = EncodedTensor(fmt, encoded.shape, encoded.dtype, {k: t.cpu() for k, t in encoded.tensors.items()})
     if kernels and fmt.variable_length:
-        grid = _grid_module()
-        if grid is not None and grid.grid_supported(fmt):
-            return GridKernelWeight(grid.pack_grid_weight(cpu, device))
+        from ..kernels import grid_supported, pack_grid_weight
+
+        if grid_supported(fmt):
+            return GridKernelWeight(pack_grid_weight(cpu, device))
     parts = fmt.decode_parts(cpu)
     if kernels and lut_kernel_unsupported(fmt) is None:
         try:
@@ -162,12 +163,3 @@ def build_runtime(encoded: EncodedTensor, device: torch.device | str, kernels: b
             pass
     rows, cols = parts.codes.shape
     return DeviceParts(fmt, _move_parts(parts, device), (rows, cols), encoded.dtype)
-
-
-def _grid_module():
-    try:
-        from ..kernels import grid_linear
-    except ImportError:
-        return None
-    return grid_linear if all(hasattr(grid_linear, n) for n in ("grid_supported", "pack_grid_weight")) else None
-

@@ -1,0 +1,334 @@
+"""End-to-end decode speed of an 8B-Llama-shaped model: bf16 vs fixed-length 4-bit vs grid 3.5-bit.
+
+The real 32-layer Llama-3-8B shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads of 128,
+vocabulary 128256, untied LM head) with random weights: Student-t(5) x 0.02 (heavy tails, like
+trained weights), bf16 embeddings and norms. Every linear layer -- fused QKV [6144, 4096], O
+[4096, 4096], fused gate/up [28672, 4096], down [4096, 14336], and the LM head [128256, 4096] --
+runs in one of three forms, each in its own copy of the model on the GPU:
+
+* ``bf16``: ``F.linear`` (cuBLAS);
+* ``lut4``: ``hf_optquant.kernels.lut_linear``, 4-bit codes with bf16 block-128 scales
+  (random codes: the kernel's speed does not depend on them);
+* ``grid``: ``hf_optquant.kernels.grid_linear``, the bf16 weights quantised to the uniform grid
+  (channel rms bf16 scales) at ~3.5 stored bits/parameter and entropy coded on the GPU; the
+  fused decode-GEMV reads only compressed bytes.
+
+One decode step (batch 1) is a plain-torch forward: RMSNorm, RoPE, attention over a static KV
+cache of ``--context`` positions (masked beyond the current one), SwiGLU MLP, greedy argmax;
+the position lives on the GPU, so the whole step is captured in one CUDA graph and replayed.
+Tokens/s = steps / time over ``--steps`` replays (median of 3 repeats).
+
+Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/decode_e2e.py --out $OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from entropy_kernels import clone_packed, encode_grid, grid_quantise, log, segment_for, student_t  # noqa: E402
+
+from hf_optquant.coding.stream import encode_tensors  # noqa: E402
+from hf_optquant.kernels import grid_linear as G  # noqa: E402
+
+CFG = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256,
+           eps=1e-5, theta=500000.0)  # fmt: skip
+PROJ = ("qkv", "o", "gate_up", "down")
+
+
+def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    h, d = cfg["hidden"], cfg["head_dim"]
+    q, kv = cfg["heads"] * d, cfg["kv_heads"] * d
+    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * cfg["inter"], h), "down": (h, cfg["inter"]),
+            "lm_head": (cfg["vocab"], h)}
+
+
+# ---- linear layers in three forms -------------------------------------------------------------
+
+
+class Bf16Linear:
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+
+    def __call__(self, x):
+        return F.linear(x, self.w)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() * 2
+
+
+class LutLinear:
+    def __init__(self, n: int, k: int, device, gen):
+        from entropy_kernels import lut4_packed
+
+        self.p = lut4_packed(n, k, device, gen, block=128)
+
+    def __call__(self, x):
+        from hf_optquant.kernels.lut_linear import lut_linear
+
+        return lut_linear(x, self.p)
+
+    @property
+    def nbytes(self) -> int:
+        return self.p.nbytes
+
+
+class GridLinear:
+    def __init__(self, p: G.PackedGridWeight, path: str | None = None):
+        self.p, self.path = p, path
+
+    def __call__(self, x):
+        return G.grid_linear(x, self.p, path=self.path)
+
+    @property
+    def nbytes(self) -> int:
+        return self.p.nbytes
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+
+class Model:
+    """Weights + a capturable decode step (batch 1)."""
+
+    def __init__(self, cfg, lin: dict, embed, norms, device, context: int):
+        self.cfg, self.lin, self.embed, self.norms, self.device = cfg, lin, embed, norms, device
+        L, kvh, d = cfg["layers"], cfg["kv_heads"], cfg["head_dim"]
+        self.kc = torch.zeros((L, kvh, context, d), dtype=torch.bfloat16, device=device)
+        self.vc = torch.zeros_like(self.kc)
+        inv = 1.0 / (cfg["theta"] ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+        ang = torch.arange(context, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+        self.cos, self.sin = ang.cos(), ang.sin()
+        self.ctx = torch.arange(context, device=device)
+        self.tok = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.logits = None
+
+    def _rms(self, x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.cfg["eps"])).to(x.dtype) * w
+
+    def _rope(self, x):  # x [heads, d]
+        c, s = self.cos[self.pos], self.sin[self.pos]  # [1, d/2]
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+        return out.to(x.dtype)
+
+    def step(self) -> None:
+        cfg = self.cfg
+        nh, kvh, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+        h = self.embed[self.tok]  # [1, hidden]
+        mask = self.ctx > self.pos  # [context]
+        for i in range(cfg["layers"]):
+            a = self._rms(h, self.norms[i][0])
+            qkv = self.lin["qkv"][i](a)[0]
+            q = self._rope(qkv[: nh * d].view(nh, d))
+            k = self._rope(qkv[nh * d : (nh + kvh) * d].view(kvh, d))
+            v = qkv[(nh + kvh) * d :].view(kvh, d)
+            self.kc[i].index_copy_(1, self.pos, k.unsqueeze(1))
+            self.vc[i].index_copy_(1, self.pos, v.unsqueeze(1))
+            qg = q.view(kvh, nh // kvh, d)
+            scores = torch.matmul(qg, self.kc[i].transpose(1, 2)).float() / math.sqrt(d)
+            probs = torch.softmax(scores.masked_fill(mask, float("-inf")), -1).to(torch.bfloat16)
+            att = torch.matmul(probs, self.vc[i]).reshape(1, nh * d)
+            h = h + self.lin["o"][i](att)
+            a = self._rms(h, self.norms[i][1])
+            gu = self.lin["gate_up"][i](a)
+            g, u = gu.chunk(2, -1)
+            h = h + self.lin["down"][i](F.silu(g) * u)
+        h = self._rms(h, self.norms[-1][0])
+        self.logits = self.lin["lm_head"](h)
+        self.tok.copy_(self.logits.argmax(-1))
+        self.pos.add_(1)
+
+    def reset(self) -> None:
+        self.tok.zero_()
+        self.pos.zero_()
+        self.kc.zero_()
+        self.vc.zero_()
+
+    @property
+    def linear_bytes(self) -> int:
+        return sum(m.nbytes for ms in self.lin.values() for m in (ms if isinstance(ms, list) else [ms]))
+
+
+def time_decode(model: Model, steps: int, repeats: int = 3) -> dict:
+    """Tokens/s of the CUDA-graphed decode step (and the eager step, for reference)."""
+    model.reset()
+    for _ in range(3):
+        model.step()  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    model.reset()
+    t = time.time()
+    for _ in range(5):
+        model.step()
+    torch.cuda.synchronize()
+    eager = 5 / (time.time() - t)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.step()
+    rates = []
+    for _ in range(repeats):
+        model.reset()
+        graph.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        rates.append(steps / (a.elapsed_time(b) / 1000))
+    del graph
+    return dict(tokens_per_s=statistics.median(rates), eager_tokens_per_s=eager, repeats=rates)
+
+
+# ---- building the three models -------------------------------------------------------------------
+
+
+def build_bf16(cfg, device, gen) -> tuple[dict, torch.Tensor, list]:
+    shp = shapes(cfg)
+    lin = {p: [] for p in PROJ}
+    for _ in range(cfg["layers"]):
+        for p in PROJ:
+            lin[p].append(Bf16Linear(student_t(shp[p], device, gen).to(torch.bfloat16)))
+    lin["lm_head"] = Bf16Linear(student_t(shp["lm_head"], device, gen).to(torch.bfloat16))
+    embed = (torch.randn((cfg["vocab"], cfg["hidden"]), device=device, generator=gen) * 0.02).to(torch.bfloat16)
+    norms = [(torch.ones(cfg["hidden"], dtype=torch.bfloat16, device=device),) * 2 for _ in range(cfg["layers"])]
+    norms.append((torch.ones(cfg["hidden"], dtype=torch.bfloat16, device=device),))
+    return lin, embed, norms
+
+
+def grid_from_bf16(lin: dict, cfg, bits: float, rule: str, distinct: int, device) -> tuple[dict, dict]:
+    """Quantise and entropy-code every bf16 weight (one grid step per shape, fitted on layer 0)."""
+    out, info = {p: [] for p in PROJ}, {}
+    t0 = time.time()
+    for p in (*PROJ, "lm_head"):
+        mods = lin[p] if isinstance(lin[p], list) else [lin[p]]
+        n, k = mods[0].w.shape
+        seg = segment_for(n, k, rule)
+        first = encode_grid(mods[0].w, bits, seg)  # fits the step to the bits target
+        packed = []
+        for j, m in enumerate(mods):
+            if j == 0:
+                enc = first
+            elif j < distinct:
+                idx, scales = grid_quantise(m.w, first["step"])
+                enc = dict(idx=idx, scales=scales, step=first["step"],
+                           tensors=encode_tensors(idx, chunk_size=seg, row_length=k, crc=False))
+            else:  # same bytes as an earlier layer, in its own memory
+                packed.append(clone_packed(packed[j % distinct]))
+                continue
+            packed.append(G.pack_grid_stream(enc["tensors"], enc["scales"], enc["step"], (n, k), torch.bfloat16,
+                                             device))  # fmt: skip
+        stored = 8 * sum(t.numel() * t.element_size() for t in first["tensors"].values()) + 16 * n
+        info[p] = dict(shape=[n, k], seg=seg, step=first["step"], bits=first["bits"], lanes=packed[0].states.numel(),
+                       stored_bits_layer0=stored, escapes_layer0=packed[0].num_escapes)  # fmt: skip
+        if p == "lm_head":
+            out[p] = GridLinear(packed[0])
+        else:
+            out[p] = [GridLinear(q) for q in packed]
+        log(f"grid {p} {n}x{k} S={seg} {first['bits']:.3f} b/p, {len(mods)} tensors, {time.time() - t0:.0f}s")
+    return out, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--bits", type=float, default=3.5)
+    ap.add_argument("--segments", default="speed")
+    ap.add_argument("--distinct", type=int, default=32, help="grid layers encoded separately (rest: copies)")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--variants", nargs="+", default=["bf16", "lut4", "grid"])
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(7)
+    cfg = dict(CFG, layers=args.layers)
+    res = dict(argv=sys.argv, cfg=cfg, device=torch.cuda.get_device_name(), torch=torch.__version__)
+    path = os.path.join(args.out, "decode_e2e.json")
+
+    def save():
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+
+    lin, embed, norms = build_bf16(cfg, device, gen)
+    gbytes = sum(m.nbytes for ms in lin.values() for m in (ms if isinstance(ms, list) else [ms])) / 1e9
+    log(f"bf16 model built: {gbytes:.2f} GB of linear weights")
+    models = {}
+    if "grid" in args.variants:
+        glin, res["grid_layers"] = grid_from_bf16(lin, cfg, args.bits, args.segments, args.distinct, device)
+        models["grid"] = Model(cfg, glin, embed, norms, device, args.context)
+        # the same grid weights through the decode-to-scratch path: an independent check of the fused GEMV
+        dense = {p: ([GridLinear(m.p, "dense") for m in v] if isinstance(v, list) else GridLinear(v.p, "dense"))
+                 for p, v in glin.items()}  # fmt: skip
+        check = Model(cfg, dense, embed, norms, device, args.context)
+        models["grid"].reset()
+        check.reset()
+        models["grid"].step()
+        check.step()
+        a, b = models["grid"].logits.double(), check.logits.double()
+        res["grid_check"] = dict(rel_logit_err=float((a - b).norm() / b.norm()), same_token=bool(
+            models["grid"].tok.item() == check.tok.item()))  # fmt: skip
+        log("grid fused GEMV vs decode+matmul, first step:", res["grid_check"])
+        del check, dense
+    if "bf16" in args.variants:
+        models["bf16"] = Model(cfg, lin, embed, norms, device, args.context)
+    if "lut4" in args.variants:
+        try:
+            shp = shapes(cfg)
+            llin = {p: [LutLinear(*shp[p], device, gen) for _ in range(cfg["layers"])] for p in PROJ}
+            llin["lm_head"] = LutLinear(*shp["lm_head"], device, gen)
+            models["lut4"] = Model(cfg, llin, embed, norms, device, args.context)
+        except Exception as exc:
+            res["lut4_error"] = repr(exc)[:500]
+            log("lut4 build failed:", exc)
+    res["results"] = {}
+    for name in ("bf16", "lut4", "grid"):
+        if name not in models:
+            continue
+        try:
+            r = time_decode(models[name], args.steps)
+        except Exception as exc:
+            res["results"][name] = dict(error=repr(exc)[:500])
+            log(name, "failed:", exc)
+            save()
+            continue
+        r["linear_GB"] = models[name].linear_bytes / 1e9
+        r["bits_per_param"] = 8 * models[name].linear_bytes / sum(a * b for a, b in (
+            [shapes(cfg)[p] for p in PROJ] * cfg["layers"] + [shapes(cfg)["lm_head"]]))  # fmt: skip
+        res["results"][name] = r
+        log(name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+        save()
+    base = res["results"].get("bf16", {}).get("tokens_per_s")
+    print("\n| model | linear weights GB | b/p (device) | tokens/s (graph) | x bf16 | tokens/s (eager) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in res["results"].items():
+        if "tokens_per_s" in r:
+            ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
+            print(f"| {name} | {r['linear_GB']:.2f} | {r['bits_per_param']:.2f} | {r['tokens_per_s']:.1f} | {ratio} "
+                  f"| {r['eager_tokens_per_s']:.1f} |")
+    save()
+
+
+if __name__ == "__main__":
+    main()
