@@ -3,10 +3,9 @@
 * :mod:`.reference` -- pure-torch reference (dequantise in float32, then matmul);
 * :mod:`.lut_linear` -- Triton GEMV/GEMM kernels and the packed weight layout.
 * :mod:`.grid_linear` -- entropy-coded grid weights decoded on the GPU (fused decode-GEMV), with
-  :mod:`.grid_reference` beside it.
+  :mod:`.grid_reference` beside it (import the submodule: its main function shares its name).
 """
 
-from .grid_linear import PackedGridWeight, decode_grid_weight, grid_linear, grid_supported, pack_grid_weight
 from .lut_linear import (
     DEQUANT_MIN_M,
     GEMV_MAX_M,
@@ -23,12 +22,7 @@ __all__ = [
     "DEQUANT_MIN_M",
     "GEMV_MAX_M",
     "HAS_TRITON",
-    "PackedGridWeight",
     "PackedLutWeight",
-    "decode_grid_weight",
-    "grid_linear",
-    "grid_supported",
-    "pack_grid_weight",
     "dequantize_packed",
     "dequantize_reference",
     "lut_linear",

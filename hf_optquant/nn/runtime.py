@@ -66,7 +66,7 @@ class GridKernelWeight:
     kind: str = "grid-kernel"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import grid_linear
+        from ..kernels.grid_linear import grid_linear
 
         return grid_linear(x, self.packed)
 
@@ -151,7 +151,7 @@ def build_runtime(encoded: EncodedTensor, device: torch.device | str, kernels: b
     fmt = encoded.format
     cpu = EncodedTensor(fmt, encoded.shape, encoded.dtype, {k: t.cpu() for k, t in encoded.tensors.items()})
     if kernels and fmt.variable_length:
-        from ..kernels import grid_supported, pack_grid_weight
+        from ..kernels.grid_linear import grid_supported, pack_grid_weight
 
         if grid_supported(fmt):
             return GridKernelWeight(pack_grid_weight(cpu, device))
