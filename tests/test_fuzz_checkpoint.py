@@ -543,6 +543,8 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _raw_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:  # torch cannot view an empty tensor of stride 0 as bytes
+        return torch.empty(0, dtype=torch.uint8)
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
