@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .formats.spec import check_choice
+from .model_utils import is_skipped
 
 __all__ = ["FisherEstimate", "estimate_fisher", "linear_weights"]
 
@@ -58,7 +59,7 @@ def linear_weights(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn
     return {
         name: module.weight
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(s in name for s in skip)
+        if isinstance(module, nn.Linear) and not is_skipped(name, skip)
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["conv1d_to_linear", "set_submodule"]
+__all__ = ["conv1d_to_linear", "set_submodule", "is_conv1d", "is_skipped"]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -13,11 +13,22 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family: weight stored [in, out]), matched by name so that
+    transformers' pytorch_utils need not be imported here."""
+    return type(module).__name__ == "Conv1D"
+
+
+def is_skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
+    """The ``modules_to_not_convert`` rule: a module is left alone if its name contains any entry."""
+    return any(s in name for s in skip)
+
+
 def conv1d_to_linear(model: nn.Module) -> int:
     """Replace transformers' ``Conv1D`` (GPT-2 family, weight stored [in, out]) by the
     equivalent ``nn.Linear`` (weight [out, in]) so every projection is an nn.Linear.
     Returns how many were replaced."""
-    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    targets = [(n, m) for n, m in model.named_modules() if is_conv1d(m)]
     for name, conv in targets:
         in_features, out_features = conv.weight.shape
         linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,

@@ -57,16 +57,18 @@ from .formats.fit import (
     ESTIMATE_ELEMENTS,
     EncodeJob,
     EncodeOutcome,
+    FitResult,
     PendingFit,
     fit_format,
     realisable_bits,
     run_encode_job,
     start_fit,
 )
-from .model_utils import conv1d_to_linear
+from .model_utils import conv1d_to_linear, is_conv1d, is_skipped
 
 __all__ = ["TensorReport", "QuantizationReport", "quantize_model", "calibration_sequences", "plan_bits",
-           "WeightSource", "checkpoint_source", "default_workers"]
+           "WeightSource", "checkpoint_source", "default_workers", "quantisable_modules", "quantize_tensor",
+           "check_finite", "build_report", "unquantised_size"]
 
 WeightSource = Callable[[str], torch.Tensor]
 AUTO_WORKERS_MIN_ELEMENTS = 1 << 26  # below ~64M weights, starting processes costs more than it saves
@@ -222,6 +224,61 @@ def _fit(w: torch.Tensor, config: OptQuantConfig, bits: float, weight: torch.Ten
 def _start(w: torch.Tensor, config: OptQuantConfig, bits: float, weight: torch.Tensor | None) -> PendingFit:
     return start_fit(w, config.format, bits, scaling=config.scaling(), sparse=config.sparse(),
                      rotation=config.rotation(), weight=weight, distribution=config.distribution)
+
+
+def _tensor_report(name: str, result: FitResult, target_bits: float, rms: float,
+                   fisher_mean: float | None) -> TensorReport:
+    enc = result.encoded
+    return TensorReport(name, tuple(enc.shape), target_bits, enc.nbits, enc.bits_per_element, result.error, rms,
+                        fisher_mean, result.format.to_dict())
+
+
+def quantisable_modules(model: nn.Module, skip: tuple[str, ...] | list[str]) -> dict[str, nn.Module]:
+    """``{name: module}`` of the linears :func:`quantize_model` quantises: every nn.Linear and GPT-2
+    ``Conv1D`` (which quantize_model first converts to nn.Linear, in place, keeping the module
+    order) whose name contains none of ``skip`` (``config.modules_to_not_convert``)."""
+    return {name: module for name, module in model.named_modules()
+            if (isinstance(module, nn.Linear) or is_conv1d(module)) and not is_skipped(name, skip)}
+
+
+def quantize_tensor(name: str, w: torch.Tensor, config: OptQuantConfig, bits: float,
+                    times: dict[str, float] | None = None) -> tuple[EncodedTensor, TensorReport]:
+    """Fit and encode one weight ([out, in], on any device) in this process, without Fisher
+    information: exactly what :func:`quantize_model` does to each tensor of a ``bits`` budget
+    (same fit, same bytes as with ``workers=0``), for callers that see the weights one at a
+    time (quantise-while-loading in ``from_pretrained``).  ``times`` accumulates ``fit_s``,
+    ``encode_s`` and ``retries``."""
+    times = {} if times is None else times
+    start = time.perf_counter()
+    pending = _start(w, config, bits + 1e-9, None)
+    rms = _rms(w)
+    while True:  # the loop of formats.fit._drive, timed per stage
+        job = pending.job(w, None, local=True)
+        mark = time.perf_counter()
+        times["fit_s"] = times.get("fit_s", 0.0) + mark - start
+        outcome = run_encode_job(job)
+        del job
+        start = time.perf_counter()
+        times["encode_s"] = times.get("encode_s", 0.0) + start - mark
+        result = pending.accept(outcome)
+        if result is not None:
+            return result.encoded, _tensor_report(name, result, bits, rms, None)
+        times["retries"] = times.get("retries", 0.0) + 1
+
+
+def build_report(config: OptQuantConfig, names: list[str], reports: list[TensorReport], other_bits: int,
+                 other_params: int, fisher: FisherEstimate | None, timings: dict[str, float]) -> QuantizationReport:
+    """The report, tensors in ``names`` (module) order whatever order they were quantised in."""
+    order = {n: i for i, n in enumerate(names)}
+    reports = sorted(reports, key=lambda r: order[r.name])
+    return QuantizationReport(config.to_dict(), reports, other_bits, other_params,
+                              fisher.to_json() if fisher else None, timings)
+
+
+def unquantised_size(model: nn.Module) -> tuple[int, int]:
+    """(stored bits, element count) of every parameter of ``model`` (tied ones once): after every
+    quantised linear became a QuantLinear (encoded buffers, not parameters), the unquantised rest."""
+    return _size_of(_unique_params(model))
 
 
 class _LazyWeights(Mapping):
@@ -413,14 +470,11 @@ class _Pipeline:
             start = time.perf_counter()
             item.future = self.encoders.submit(job)
             self.times["encode_wait_s"] += time.perf_counter() - start
-        enc = result.encoded
-        self.encoded[item.name] = enc
-        self.reports.append(TensorReport(item.name, tuple(enc.shape), self.budgets[item.name], enc.nbits,
-                                         enc.bits_per_element, result.error, item.rms,
-                                         self.fisher.mean(item.name) if self.fisher else None,
-                                         result.format.to_dict()))
+        self.encoded[item.name] = result.encoded
+        self.reports.append(_tensor_report(item.name, result, self.budgets[item.name], item.rms,
+                                           self.fisher.mean(item.name) if self.fisher else None))
         start = time.perf_counter()
-        _apply_one(self.model, item.name, enc, self.apply, item.device)
+        _apply_one(self.model, item.name, result.encoded, self.apply, item.device)
         self.times["apply_s"] += time.perf_counter() - start
 
 
@@ -466,9 +520,9 @@ def quantize_model(
         if fisher is None and config.needs_fisher:
             fisher = _estimate(model, params, config, tokenizer, calibration, progress)
             timings["fisher_s"] = time.perf_counter() - started
-        other = [p for p in _unique_params(model) if all(p is not q for q in params.values())]
-        other_bits, other_params = sum(p.numel() * p.element_size() * 8 for p in other), sum(p.numel() for p in other)
-        del params, other  # hold no reference to the weights from here on
+        quantised = {id(p) for p in params.values()}
+        other_bits, other_params = _size_of(p for p in _unique_params(model) if id(p) not in quantised)
+        del params  # hold no reference to the weights from here on
         source = weights or _model_weight_source(model)
         mark = time.perf_counter()
         budgets = plan_bits(_LazyWeights(names, source), config, fisher, progress)
@@ -481,10 +535,7 @@ def quantize_model(
     finally:
         encoders.close()
     timings["total_s"] = time.perf_counter() - started
-    order = {n: i for i, n in enumerate(names)}
-    reports = sorted(pipeline.reports, key=lambda r: order[r.name])
-    report = QuantizationReport(config.to_dict(), reports, other_bits, other_params,
-                                fisher.to_json() if fisher else None, timings)
+    report = build_report(config, names, pipeline.reports, other_bits, other_params, fisher, timings)
     return {n: pipeline.encoded[n] for n in names}, report
 
 
@@ -495,15 +546,21 @@ def _check_sources(params: Mapping[str, nn.Parameter], weights: WeightSource | N
     if weights is None and any(p.device.type == "meta" for p in params.values()):
         raise ValueError("quantize_model: some linear weights are on the meta device; pass weights= to stream them")
     for name, p in params.items():  # before Fisher estimation, which NaN/Inf would poison silently
-        if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
-            raise ValueError(f"quantize_model: the weight of {name} contains NaN or Inf; fix the checkpoint or "
-                             f"list {name!r} in modules_to_not_convert to keep it in full precision")
+        if p.device.type != "meta":
+            check_finite(name, p)
     if weights is not None and fisher is None and config.needs_fisher:
         raise ValueError(f"quantize_model: streaming weights with allocation={config.allocation!r} "
                          f"(weighted_fit={config.weighted_fit}) needs a precomputed `fisher` (Fisher estimation "
                          "runs the whole model); use allocation='uniform' or pass fisher=")
     if fisher is not None and config.weighted_fit and fisher.per_element is None:
         raise ValueError("quantize_model: weighted_fit needs a Fisher estimate with per_element=True")
+
+
+def check_finite(name: str, w: torch.Tensor) -> None:
+    """Refuse a weight holding NaN or Inf (a fit would turn it into garbage codes silently)."""
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"quantize_model: the weight of {name} contains NaN or Inf; fix the checkpoint or "
+                         f"list {name!r} in modules_to_not_convert to keep it in full precision")
 
 
 def _estimate(model, params, config, tokenizer, calibration, progress) -> FisherEstimate:
@@ -520,6 +577,14 @@ def _model_weight_source(model: nn.Module) -> WeightSource:
         return model.get_submodule(name).weight.detach()
 
     return source
+
+
+def _size_of(params) -> tuple[int, int]:
+    """(stored bits, element count) of parameters kept unquantised, at their dtype's width."""
+    bits = count = 0
+    for p in params:
+        bits, count = bits + p.numel() * p.element_size() * 8, count + p.numel()
+    return bits, count
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:

@@ -7,14 +7,31 @@ transformers, after which::
     model.save_pretrained(out)                    # safetensors: encoded tensors + metadata
     model = AutoModelForCausalLM.from_pretrained(out)   # rebuilds QuantLinear, no re-quantisation
 
-Fresh quantisation
+Fresh quantisation, with Fisher information (``config.needs_fisher``)
     The full-precision weights load as usual; ``_process_model_after_weight_loading`` then
     runs :func:`~hf_optquant.quantize.quantize_model` on the whole model (Fisher estimation
     needs the model assembled, so per-parameter quantise-on-load ops would not do) with
     ``apply="modules"``: every quantised nn.Linear (or GPT-2 Conv1D) becomes a
     :class:`~hf_optquant.nn.QuantLinear` and the full-precision weight is dropped.  The
-    tokenizer for the calibration text is loaded from the same path when Fisher information
-    is needed.  The report is kept as ``model.optquant_report``.
+    tokenizer for the calibration text is loaded from the same path.  The report is kept as
+    ``model.optquant_report``.
+
+Fresh quantisation without Fisher information: quantise while loading
+    Uniform allocation with an unweighted fit needs nothing but the tensor itself, so each
+    linear weight is quantised the moment transformers has read it (on the device it was
+    loaded to) and its module replaced by a QuantLinear at once: the full-precision model is
+    never assembled, and the peak is the packed model, the unquantised parameters and one
+    weight with its fit's work arrays.  The hook is transformers' quantise-on-load protocol
+    (``core_model_loading``): ``param_needs_quantization`` selects the weights (the rule of
+    :func:`~hf_optquant.quantize.quantisable_modules`), ``get_quantize_ops`` returns a
+    ``ConversionOps`` whose ``convert`` receives ``{param name: [tensor]}``, quantises it with
+    :func:`~hf_optquant.quantize.quantize_tensor` (the very fit and encoding of quantize_model,
+    so the checkpoint is byte-identical), swaps the module and returns nothing to load.  The
+    protocol is the same in transformers 5.17 and 5.23 (both tested); it is found by feature
+    detection (``ConversionOps`` importable, ``HfQuantizer.get_quantize_ops`` present), and
+    where it is missing, or a weight never reaches the op, the whole-model path above
+    quantises what is left after loading.  ``STREAM_WHEN_POSSIBLE = False`` forces the
+    whole-model path (tests compare the two).
 
 Pre-quantised loading
     ``_process_model_before_weight_loading`` reads the per-tensor metadata from the
@@ -27,7 +44,9 @@ Pre-quantised loading
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
+import time
 from typing import Any
 
 import torch
@@ -43,7 +62,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 
 from .config import QUANT_METHOD, OptQuantConfig
-from .model_utils import set_submodule
+from .model_utils import is_conv1d, set_submodule
 from .nn.quant_linear import QuantLinear
 from .serialization import (
     METADATA_KEY,
@@ -56,9 +75,19 @@ from .serialization import (
     verify_unquantised,
 )
 
-__all__ = ["OptQuantHfQuantizer", "register", "mark_quantized"]
+__all__ = ["OptQuantHfQuantizer", "register", "mark_quantized", "STREAM_WHEN_POSSIBLE"]
 
 logger = logging.get_logger(__name__)
+
+try:  # transformers' quantise-on-load protocol (5.x: 5.17 and 5.23 tested)
+    from transformers.core_model_loading import ConversionOps
+except ImportError:  # pragma: no cover - an older loader: quantise the whole model after loading
+    ConversionOps = None
+
+#: Quantise linear weights while they load when no Fisher information is needed.  False forces the
+#: whole-model path (quantise after loading), which tests use as the reference.
+STREAM_WHEN_POSSIBLE = True
+STREAMING_SUPPORTED = ConversionOps is not None and hasattr(HfQuantizer, "get_quantize_ops")
 
 
 class OptQuantHfQuantizer(HfQuantizer):
@@ -72,6 +101,7 @@ class OptQuantHfQuantizer(HfQuantizer):
         self.modules_to_not_convert: list[str] = []
         self._checkpoint_metadata: dict[str, Any] | None = None
         self._module_names: dict[str, str] = {}  # checkpoint module name -> name in the model
+        self._stream: _StreamState | None = None  # set when weights are quantised while loading
 
     # ---- checks --------------------------------------------------------------------------
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
@@ -105,8 +135,18 @@ class OptQuantHfQuantizer(HfQuantizer):
         return True
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
-        # quantisation runs on the whole loaded model (Fisher needs forward/backward passes)
-        return False
+        # only when streaming: with Fisher, quantisation runs on the whole loaded model (forward/backward passes)
+        return self._stream is not None and param_name in self._stream.targets
+
+    def get_quantize_ops(self):
+        return _QuantiseOnLoad(self)
+
+    def param_element_size(self, model: PreTrainedModel, param_name: str, param: torch.Tensor) -> float:
+        """Bytes per element after loading, for transformers' memory planning (device_map="auto", the
+        GPU allocator warm-up): a streamed weight takes about ``bits / 8``, not its full width."""
+        if self.param_needs_quantization(model, param_name):
+            return self.quantization_config.bits / 8
+        return param.element_size()
 
     # ---- which modules ---------------------------------------------------------------------
     def _skip_list(self, model: PreTrainedModel) -> list[str]:
@@ -124,6 +164,7 @@ class OptQuantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs: Any):
         self.modules_to_not_convert = self._skip_list(model)
         if not self.pre_quantized:
+            self._stream = self._plan_streaming(model)
             return model
         meta, header = read_checkpoint(checkpoint_files)
         check_checkpoint(meta, header)
@@ -163,8 +204,98 @@ class OptQuantHfQuantizer(HfQuantizer):
                 verify_module(target, module, meta["modules"][name], skip_meta=bool(offloaded))
             verify_unquantised(model, meta)
             return model
-        self._quantize(model)
+        if self._stream is not None:
+            self._finish_streaming(model)
+        else:
+            self._quantize(model)
         return model
+
+    # ---- quantise while loading (no Fisher) ------------------------------------------------------
+    def _config(self) -> OptQuantConfig:
+        config = copy.deepcopy(self.quantization_config)
+        config.modules_to_not_convert = self.modules_to_not_convert
+        return config
+
+    def _plan_streaming(self, model: PreTrainedModel) -> _StreamState | None:
+        if not (STREAM_WHEN_POSSIBLE and STREAMING_SUPPORTED) or self.quantization_config.needs_fisher:
+            return None
+        from .quantize import quantisable_modules
+
+        names = list(quantisable_modules(model, self.modules_to_not_convert))
+        if not names:
+            return None  # quantize_model says why (no linear to quantise)
+        return _StreamState(self._config(), names, {f"{n}.weight": n for n in names}, time.perf_counter())
+
+    def _quantise_loaded(self, model: PreTrainedModel, key: str, value: Any, missing_keys: set | None) -> bool:
+        """Quantise the weight ``key`` just read (``value``: a tensor or a one-tensor list) and swap its
+        module for a QuantLinear; False when it is not ours to quantise (transformers then loads it)."""
+        state = self._stream
+        name = None if state is None else state.targets.get(key)
+        tensors = value if isinstance(value, (list, tuple)) else [value]
+        if name is None or model is None or missing_keys is None or len(tensors) != 1:
+            return False
+        try:
+            self._quantise_module(model, name, tensors[0])
+        except Exception as err:  # transformers logs and skips a failed conversion: raise it after loading
+            state.errors.append((name, err))
+            raise
+        missing_keys.discard(key)
+        return True
+
+    def _quantise_module(self, model: PreTrainedModel, name: str, w: torch.Tensor) -> None:
+        from .quantize import check_finite, quantize_tensor
+
+        state = self._stream
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            # the whole-model path sees the weight in the module's dtype, Conv1D ones as nn.Linear [out, in]
+            w = w.detach().to(module.weight.dtype)
+            w = (w.t() if is_conv1d(module) else w).contiguous()
+            if tuple(w.shape) != _linear_shape(module):
+                raise ValueError(f"optquant: the checkpoint's {name}.weight has shape {tuple(w.shape)} (as [out, in]), "
+                                 f"the model expects {_linear_shape(module)}")
+            check_finite(name, w)
+            encoded, report = quantize_tensor(name, w, state.config, float(state.config.bits), state.times)
+            start = time.perf_counter()
+            bias = getattr(module, "bias", None)
+            if bias is not None and bias.device.type == "meta":  # not read yet: transformers fills it in later
+                bias = torch.zeros(bias.shape, dtype=bias.dtype)
+            new = QuantLinear.from_encoded(encoded, bias, device=w.device)
+            new._is_hf_initialized = True
+            set_submodule(model, name, new)
+            _shield_parents_from_init(model, [name])
+            state.times["apply_s"] = state.times.get("apply_s", 0.0) + time.perf_counter() - start
+        state.reports.append(report)
+
+    def _finish_streaming(self, model: PreTrainedModel) -> None:
+        from .quantize import build_report, unquantised_size
+
+        state = self._stream
+        if state.errors:
+            name, err = state.errors[0]
+            raise ValueError(f"optquant could not quantise {name} while loading: {err}") from err
+        streamed = len(state.reports)
+        for name in state.names:  # weights the loader did not hand to the op (another loading path)
+            module = model.get_submodule(name)
+            if isinstance(module, QuantLinear):
+                continue
+            if module.weight.device.type == "meta":
+                raise ValueError(f"optquant cannot quantise {name}: its weight is on the meta device (offloaded); "
+                                 "quantise with the whole model on CPU/GPU")
+            self._quantise_module(model, name, module.weight)
+        for name in state.names:  # a bias read after its weight was loaded as a trainable Parameter
+            bias = model.get_submodule(name).bias
+            if bias is not None:
+                bias.requires_grad_(False)
+        other_bits, other_params = unquantised_size(model)
+        timings = {"workers": 0.0, **state.times, "streamed": float(streamed),
+                   "total_s": time.perf_counter() - state.started}
+        report = build_report(state.config, state.names, state.reports, other_bits, other_params, None, timings)
+        model.optquant_report = report
+        self.quantization_config = state.config
+        model.config.quantization_config = state.config
+        self._stream = None
+        gc.collect()
 
     def _quantize(self, model: PreTrainedModel) -> None:
         from .quantize import quantize_model
@@ -226,6 +357,41 @@ class OptQuantHfQuantizer(HfQuantizer):
                     linear.bias.copy_(module.bias)
             set_submodule(model, name, linear)
         return model
+
+
+@dataclasses.dataclass
+class _StreamState:
+    """What quantise-while-loading accumulates between the loader's calls."""
+
+    config: OptQuantConfig  # the effective config (modules_to_not_convert filled in)
+    names: list[str]  # modules to quantise, in module order
+    targets: dict[str, str]  # "<module>.weight" -> module
+    started: float
+    reports: list = dataclasses.field(default_factory=list)
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+    errors: list[tuple[str, Exception]] = dataclasses.field(default_factory=list)
+
+
+if ConversionOps is not None:
+    class _QuantiseOnLoad(ConversionOps):
+        """transformers' per-tensor quantise op: called with ``{param name: [tensor]}`` as each selected
+        weight is read; quantises it into a QuantLinear and returns only what transformers should still
+        load itself (nothing, for a quantised weight)."""
+
+        def __init__(self, quantizer: OptQuantHfQuantizer):
+            self.quantizer = quantizer
+
+        def convert(self, input_dict: dict[str, Any], model: Any = None, missing_keys: set | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
+            return {key: value for key, value in input_dict.items()
+                    if not self.quantizer._quantise_loaded(model, key, value, missing_keys)}
+else:  # pragma: no cover
+    _QuantiseOnLoad = None
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    shape = tuple(module.weight.shape)
+    return shape[::-1] if is_conv1d(module) else shape
 
 
 def mark_quantized(model: PreTrainedModel, config: OptQuantConfig, report: Any = None) -> None:
