@@ -24,11 +24,12 @@ def is_skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
     return any(s in name for s in skip)
 
 
-def conv1d_to_linear(model: nn.Module) -> int:
+def conv1d_to_linear(model: nn.Module, skip: tuple[str, ...] | list[str] = ()) -> int:
     """Replace transformers' ``Conv1D`` (GPT-2 family, weight stored [in, out]) by the
-    equivalent ``nn.Linear`` (weight [out, in]) so every projection is an nn.Linear.
-    Returns how many were replaced."""
-    targets = [(n, m) for n, m in model.named_modules() if is_conv1d(m)]
+    equivalent ``nn.Linear`` (weight [out, in]) so every projection is an nn.Linear; those
+    whose names match ``skip`` (see :func:`is_skipped`) stay Conv1D, so that a saved model
+    keeps the layout its class loads.  Returns how many were replaced."""
+    targets = [(n, m) for n, m in model.named_modules() if is_conv1d(m) and not is_skipped(n, skip)]
     for name, conv in targets:
         in_features, out_features = conv.weight.shape
         linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,

@@ -507,7 +507,7 @@ def quantize_model(
         raise ValueError(f"quantize_model: workers must be None (automatic) or an int >= 0, got {workers!r}")
     if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
         raise ValueError(f"quantize_model: max_in_flight must be None or an int >= 1, got {max_in_flight!r}")
-    conv1d_to_linear(model)
+    conv1d_to_linear(model, skip=config.modules_to_not_convert)  # skipped ones keep the layout their class loads
     params = linear_weights(model, skip=tuple(config.modules_to_not_convert))
     if not params:
         raise ValueError("quantize_model: no nn.Linear weights to quantise (check modules_to_not_convert)")

@@ -234,11 +234,13 @@ class OptQuantHfQuantizer(HfQuantizer):
         tensors = value if isinstance(value, (list, tuple)) else [value]
         if name is None or model is None or missing_keys is None or len(tensors) != 1:
             return False
+        if state.errors:  # an earlier weight failed and the load will fail: do not quantise the rest
+            return True
         try:
             self._quantise_module(model, name, tensors[0])
-        except Exception as err:  # transformers logs and skips a failed conversion: raise it after loading
-            state.errors.append((name, err))
-            raise
+        except Exception as err:  # noqa: BLE001 - transformers would turn it into a RuntimeError: raise it after
+            state.errors.append((name, err))  # loading (the key stays missing, so transformers initialises it)
+            return True
         missing_keys.discard(key)
         return True
 
@@ -273,6 +275,9 @@ class OptQuantHfQuantizer(HfQuantizer):
         state = self._stream
         if state.errors:
             name, err = state.errors[0]
+            self._stream = None
+            if not isinstance(err, ValueError):
+                raise err
             raise ValueError(f"optquant could not quantise {name} while loading: {err}") from err
         streamed = len(state.reports)
         for name in state.names:  # weights the loader did not hand to the op (another loading path)

@@ -25,3 +25,16 @@ def tiny_llama(layers: int = 2, hidden: int = 64, intermediate: int = 128) -> tr
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def tiny_qwen2(layers: int = 2, hidden: int = 64, intermediate: int = 96) -> transformers.Qwen2ForCausalLM:
+    """Qwen2: q/k/v biases, tied embeddings (lm_head must stay unquantised)."""
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+
+
+def tiny_gpt2(layers: int = 2, hidden: int = 64) -> transformers.GPT2LMHeadModel:
+    """GPT-2: projections are transformers' Conv1D (weight stored [in, out]), tied embeddings."""
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=layers, n_embd=hidden, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0))
