@@ -20,6 +20,8 @@ Layer by layer, bounded memory
     the CPU) waiting for an encoder.  Fisher estimation needs the whole model
     (forward + backward), so streaming needs ``config.needs_fisher`` to be false or a
     precomputed ``fisher``; with Fisher the peak is the full model plus its activations.
+    :func:`quantize_tensor` is the per-tensor step on its own (same fit, same bytes), which
+    ``from_pretrained`` uses to quantise each weight as it is read when no Fisher is needed.
 
 Devices and CPU cores
     Each tensor is fitted on the device it lives on (the grid's search is all torch ops).
