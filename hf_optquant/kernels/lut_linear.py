@@ -81,17 +81,10 @@ import types
 
 import torch
 
+from .common import HAS_TRITON, tl, triton
+from .common import cdiv as _cdiv
+from .common import interpret_mode as _interpret_mode
 from .reference import dequantize_reference
-
-try:  # Triton is optional
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
 
 __all__ = [
     "HAS_TRITON",
@@ -124,14 +117,6 @@ _GEMM_SMEM_LUT = True
 _PAIR_LUT = os.environ.get("HF_OPTQUANT_PAIR_LUT", "1") == "1"
 
 _PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------
