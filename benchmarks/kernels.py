@@ -63,6 +63,7 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]  # (N out,
 BATCHES = [1, 4, 16, 64, 256]
 L2_BYTES = 50 * 2**20
 SMOKE = False  # --smoke: CPU + Triton interpreter, tiny shapes (tests this script only)
+BLOCKS = (64, 128)  # scale block sizes timed by --mode full
 T0 = time.time()
 BUDGET = 1e9  # seconds; sections are skipped once exceeded
 
@@ -182,7 +183,7 @@ def correctness_small(device, report, full=True):
     """Odd shapes, every bits, every path, split-K, on the GPU (default configs, not
     tuned: few compilations); every call twice (the second through the cached direct
     launch): results must be bitwise equal (no races, launch cache correct)."""
-    os.environ["HF_OPTQUANT_NO_AUTOTUNE"] = "1"
+    tuned_before = os.environ.pop("HF_OPTQUANT_AUTOTUNE", None)
     LL._kernels.cache_clear()
     worst, fails, n_checks, cases = 0.0, [], 0, []
     for bits in (2, 3, 4, 5, 6, 8):
@@ -244,7 +245,8 @@ def correctness_small(device, report, full=True):
             if not (e < tol and same):
                 fails.append((bits, n, k, block, m, str(dtype), path, split, str(cfg), e, same))
     finally:
-        del os.environ["HF_OPTQUANT_NO_AUTOTUNE"]
+        if tuned_before is not None:
+            os.environ["HF_OPTQUANT_AUTOTUNE"] = tuned_before
         LL._kernels.cache_clear()
     report["small_checks"] = n_checks
     report["small_checks_failed"] = fails
@@ -337,7 +339,7 @@ def derived(rec, wbytes, hbm, t_bf16=None, t_tg=None):
 
 
 def used_config(path):
-    ks, tuned = LL._kernels(SMOKE, not SMOKE and not os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"))
+    ks, tuned = LL._kernels(SMOKE, not SMOKE and LL.autotune_enabled())
     cfg = getattr(ks.get(path), "best_config", None)
     if cfg is None:
         return None
@@ -616,7 +618,7 @@ def sass_report(out_dir):
 
 def run_full(device, hbm, report, results, shapes):
     for n, k in shapes:
-        for block in (64, 128):
+        for block in BLOCKS:
             if elapsed() > BUDGET:
                 log("budget exceeded: stopping")
                 return
@@ -714,15 +716,23 @@ def main():
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds before sections are skipped")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter dry run of this script")
+    ap.add_argument("--shapes", help="comma-separated NxK (out x in) layer shapes, default: the 8B-Llama four")
+    ap.add_argument("--blocks", default="64,128", help="comma-separated scale block sizes for --mode full")
+    ap.add_argument("--autotune", action="store_true", help="HF_OPTQUANT_AUTOTUNE=1 (default: the fixed configs)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    global SMOKE, SHAPES, BATCHES, BUDGET
+    global SMOKE, SHAPES, BATCHES, BUDGET, BLOCKS
     if args.mode == "sass":  # static analysis: no GPU, no interpreter
         rows = sass_report(args.out)
         with open(os.path.join(args.out, "kernels_sass.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
     BUDGET = args.budget
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    BLOCKS = tuple(int(b) for b in args.blocks.split(","))
+    if args.autotune:
+        os.environ["HF_OPTQUANT_AUTOTUNE"] = "1"
     if args.smoke:
         SMOKE, SHAPES, BATCHES = True, [(40, 1024)] * (4 if args.mode == "explore" else 1), [1, 4, 17]
         os.environ["TRITON_INTERPRET"] = "1"
@@ -742,6 +752,7 @@ def main():
         sms=0 if SMOKE else torch.cuda.get_device_properties(0).multi_processor_count,
         gemv_kmajor=LL._gemv_kmajor(),
         gemv_max_m=LL.GEMV_MAX_M,
+        autotune=LL.autotune_enabled(),
         dequant_min_m=LL.DEQUANT_MIN_M,
     )
     hbm = measure_hbm(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -130,6 +131,25 @@ class OptQuantConfig(QuantizationConfigMixin):
                              f"got {self.rotation_block}")
         # building the pieces validates the remaining combinations (e.g. signmax with e8m0)
         self.scaling(), self.sparse(), self.rotation()
+
+    @classmethod
+    def from_dict(cls, config_dict: Any, return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build from a JSON-style dict (``config.json``'s ``quantization_config``).
+
+        Replaces the mixin's bare ``cls(**config_dict)``, under which malformed input raised
+        TypeError (a list, a non-string key, a key named ``self``), and whose ``kwargs`` naming a
+        field were set *after* validation; here they are validated like the dict's own fields.
+        """
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"OptQuantConfig must be built from a dict, got {type(config_dict).__name__}")
+        odd = sorted(repr(k) for k in config_dict if not isinstance(k, str) or k == "self")
+        if odd:
+            raise ValueError(f"OptQuantConfig got unknown fields [{', '.join(odd)}]")
+        fields = inspect.signature(cls.__init__).parameters
+        overrides = {k: v for k, v in kwargs.items() if k in fields and k not in ("self", "kwargs")}
+        config = cls(**{**config_dict, **overrides})
+        unused = {k: v for k, v in kwargs.items() if k not in overrides}
+        return (config, unused) if return_unused_kwargs else config
 
     @property
     def needs_fisher(self) -> bool:

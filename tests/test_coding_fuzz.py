@@ -1,7 +1,8 @@
 """Property-based fuzzing of the coding module with hypothesis.
 
 Three properties, each run ``HF_OPTQUANT_FUZZ_EXAMPLES`` times (default 200, so CI stays
-fast; set e.g. ``HF_OPTQUANT_FUZZ_EXAMPLES=35000`` for a ~10**5-input run):
+fast); ``benchmarks/fuzz.py`` sets per-property counts (``roundtrip``, ``stream``, ``forged``)
+through ``HF_OPTQUANT_CKPT_FUZZ`` for the dedicated run (see ``fuzz_support``):
 
 1. arbitrary small integer arrays and chunk sizes round-trip bit-exactly;
 2. any mutation of a stored stream (bit flips, byte writes, truncation, extension, dtype or
@@ -19,7 +20,8 @@ import os
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from fuzz_support import OUTCOMES, counts, fuzz_settings, guard
+from hypothesis import given
 from hypothesis import strategies as st
 
 from hf_optquant.coding import (
@@ -33,13 +35,8 @@ from hf_optquant.coding.layout import HEADER, HEADER_LEN, TENSOR_NAMES, Header
 from hf_optquant.coding.stream import _crc
 
 EXAMPLES = int(os.environ.get("HF_OPTQUANT_FUZZ_EXAMPLES", "200"))
+COUNTS = counts({"roundtrip": EXAMPLES, "stream": EXAMPLES, "forged": EXAMPLES})
 SEED = int(os.environ.get("HF_OPTQUANT_TEST_SEED", "0"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 NAMES = TENSOR_NAMES
 
 
@@ -76,13 +73,15 @@ values = st.one_of(
 )
 
 
-@FUZZ
+@fuzz_settings(COUNTS["roundtrip"])
 @given(data=st.lists(values, max_size=400), chunk_size=st.integers(1, 70), cols=st.integers(0, 40))
 def test_arbitrary_arrays_round_trip(data: list[int], chunk_size: int, cols: int) -> None:
     sym = torch.tensor(data, dtype=torch.int64)
     rows = cols or None  # cols > 0: the GPU row layout (a short last row included)
-    out = decode_symbols(encode_symbols(sym, chunk_size=chunk_size, row_length=rows))
+    with guard("roundtrip"):
+        out = decode_symbols(encode_symbols(sym, chunk_size=chunk_size, row_length=rows))
     assert torch.equal(out, sym)
+    OUTCOMES[("roundtrip", "round-trips bit-exactly")] += 1
 
 
 # --- mutations ----------------------------------------------------------------------------
@@ -172,7 +171,7 @@ def _fix_crc(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --- property 2: every stored-byte change is detected -------------------------------------
 
 
-@FUZZ
+@fuzz_settings(COUNTS["stream"])
 @given(data=st.data(), base=st.sampled_from(["escapes", "rows", "tiny", "single", "empty"]),
        structural=st.booleans())
 def test_mutated_streams_are_detected(data, base: str, structural: bool) -> None:
@@ -180,25 +179,36 @@ def test_mutated_streams_are_detected(data, base: str, structural: bool) -> None
     strategy = structural_mutation if structural else byte_mutation
     mutated = data.draw(strategy(stream.tensors))
     try:
-        out = decode_symbols(stream_from_tensors(mutated))
-    except CorruptStreamError:
-        assert not _same_bytes(mutated, stream.tensors), "unchanged stream was rejected"
+        with guard("stream"):
+            out = decode_symbols(stream_from_tensors(mutated))
+    except CorruptStreamError as err:
+        assert str(err) and not _same_bytes(mutated, stream.tensors), "unchanged stream was rejected"
+        OUTCOMES[("stream", "rejected (CorruptStreamError)")] += 1
         return
     assert _same_bytes(mutated, stream.tensors), "a changed stream was accepted"
     assert torch.equal(out, original)
+    OUTCOMES[("stream", "unchanged bytes, decodes to the original")] += 1
 
 
 # --- property 3: bounded and well-behaved even when the CRC is forged ---------------------
 
 
-@FUZZ
+@fuzz_settings(COUNTS["forged"])
 @given(data=st.data(), base=st.sampled_from(["escapes", "rows", "tiny", "single", "empty"]))
 def test_forged_crc_streams_fail_cleanly(data, base: str) -> None:
     stream, _ = base_streams()[base]
     mutated = _fix_crc(data.draw(byte_mutation(stream.tensors)))
     try:
-        checked = stream_from_tensors(mutated)
-        out = decode_symbols(checked)
-    except CorruptStreamError:
+        with guard("forged"):
+            checked = stream_from_tensors(mutated)
+            out = decode_symbols(checked)
+    except CorruptStreamError as err:
+        assert str(err), "empty error message"
+        OUTCOMES[("forged", "rejected (CorruptStreamError)")] += 1
         return
     assert out.dtype == torch.int64 and out.shape == (checked.num_symbols,)
+    same = _same_bytes(mutated, stream.tensors)
+    if same:
+        assert torch.equal(out, base_streams()[base][1]), "unchanged stream decoded differently"
+    OUTCOMES[("forged", "unchanged, decodes to the original" if same else
+              "decoded garbage of the declared length (CRC forged)")] += 1

@@ -18,36 +18,42 @@ Oracles ("no crash, no hang, no silent wrong result"):
 * **swap**: buffers re-typed, reshaped, swapped, dropped or renamed with the metadata
   untouched: rejected, or (no-op) identical logits.
 * **config** / **spec**: random dicts for ``OptQuantConfig`` and mutated spec dicts: a
-  ValueError naming a field, or a valid object that round-trips through its dict exactly.
-* **decode**: mutated encoded tensors (no checksum at this level): ``TensorFormat.decode``
-  raises ValueError or returns a finite tensor of the declared shape and dtype.
+  ValueError naming a field, or a valid object that keeps every given field exactly (value and
+  type) and round-trips through JSON.
+* **config_json**: byte-level edits of a config's JSON text, parsed and given to
+  ``OptQuantConfig.from_dict``: not JSON, a ValueError, or accepted with every field kept.
+* **config_file**: ``config.json``'s ``quantization_config`` edited, then ``from_pretrained``:
+  a ValueError naming a field, or bitwise-identical logits.
+* **decode**: mutated encoded tensors: ``TensorFormat.decode`` raises ValueError or returns a
+  finite tensor of the declared shape and dtype, which must equal the original weights when
+  nothing or only the entropy-coded stream (CRC-protected) changed; scales, packed codes,
+  tables and outliers carry no checksum at this level (the checkpoint's CRC32s cover them).
 
-Every example runs under a 60 s alarm (a hang fails the test).  ``OUTCOMES`` counts what
-happened per property, ``DURATIONS`` the slowest example, for the benchmark's report.
+Every example runs under a 60 s alarm (``fuzz_support.guard``: a hang fails the test).
+``fuzz_support.OUTCOMES`` counts what happened per property, ``DURATIONS`` the slowest
+example, for the benchmark's report.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
-import contextlib
 import copy
 import functools
 import json
 import math
 import os
 import shutil
-import signal
 import struct
 import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from hypothesis import HealthCheck, given, settings
+from fuzz_support import OUTCOMES, counts, fuzz_settings
+from fuzz_support import guard as _guard
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -70,36 +76,14 @@ from hf_optquant.formats import (
 )
 from hf_optquant.serialization import METADATA_KEY, dumps_metadata, seal_metadata
 
-_DEFAULT_COUNTS = {"file": 70, "metadata": 60, "swap": 30, "config": 400, "spec": 400, "decode": 250}
-COUNTS = {**_DEFAULT_COUNTS, **json.loads(os.environ.get("HF_OPTQUANT_CKPT_FUZZ", "{}"))}
-TIME_LIMIT_S = 60
-OUTCOMES: collections.Counter = collections.Counter()
-DURATIONS: dict[str, float] = collections.defaultdict(float)
+COUNTS = counts({"file": 70, "metadata": 60, "swap": 30, "config": 400, "config_json": 300, "config_file": 15,
+                 "spec": 400, "decode": 250})
 VOCAB = 64
 IDS = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
 
 
 def _settings(name: str):
-    return settings(max_examples=COUNTS[name], deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
-
-
-@contextlib.contextmanager
-def _guard(prop: str):
-    """Per-example time limit (SIGALRM; a hang fails the test) and slowest-example bookkeeping."""
-    def timeout(signum, frame):
-        raise TimeoutError(f"{prop} example exceeded {TIME_LIMIT_S} s (hang?)")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(TIME_LIMIT_S)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        DURATIONS[prop] = max(DURATIONS[prop], time.perf_counter() - start)
+    return fuzz_settings(COUNTS[name])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -440,8 +424,24 @@ CONFIG_FIELDS = {
     "modules_to_not_convert": st.one_of(st.none(), st.lists(st.sampled_from(["lm_head", "mlp"]), max_size=2),
                                         st.just("lm_head"), st.just([1])),
     "seed": st.one_of(st.integers(-1, 2**64), st.just(1.5)),
-    "colour": st.just("blue"), "quant_method": st.just("optquant"),
+    "colour": st.just("blue"), "quant_method": st.just("optquant"), "self": st.just(1), "kwargs": st.just({}),
+    "format_version": st.sampled_from([2, "x"]), 3: st.just(1),
 }
+CONFIG_IGNORED = ("quant_method", "format_version")  # the method's name; a field older saves wrote
+
+
+def _check_accepted_config(given_fields: dict, parsed: OptQuantConfig) -> None:
+    """The oracle for an accepted config: every given field kept exactly (value *and* type: no
+    silent coercion), the documented default for ``modules_to_not_convert=None``, and a JSON
+    round trip that rebuilds the same config."""
+    out = parsed.to_dict()
+    for key, value in given_fields.items():
+        if key in CONFIG_IGNORED:
+            continue
+        expected = ["lm_head"] if key == "modules_to_not_convert" and value is None else value
+        assert type(out[key]) is type(expected) and out[key] == expected, (key, value, out[key])
+    again = OptQuantConfig.from_dict(json.loads(json.dumps(out)))
+    assert again.to_dict() == out
 
 
 @_settings("config")
@@ -452,13 +452,135 @@ def test_config_dicts_are_validated_by_field(config):
             parsed = OptQuantConfig.from_dict(dict(config))
         except ValueError as err:
             message = str(err)
-            assert any(field in message for field in config if field != "quant_method"), message
+            assert any(str(field) in message for field in config if field != "quant_method"), message
             OUTCOMES[("config", "rejected")] += 1
             return
-        again = OptQuantConfig.from_dict(parsed.to_dict())
-        assert again.to_dict() == parsed.to_dict()
-        json.dumps(parsed.to_dict())
-        OUTCOMES[("config", "accepted, round-trips")] += 1
+        _check_accepted_config(config, parsed)
+        OUTCOMES[("config", "accepted, fields kept, round-trips")] += 1
+
+
+@pytest.mark.parametrize("document", [{"self": 1}, {"bits": 4.0, 3: 1}, [("bits", 4.0)], "bits=4", None,
+                                      {"kwargs": {}}])
+def test_config_from_dict_rejects_odd_documents_with_a_value_error(document):
+    """Found by the dedicated fuzz run: the mixin's ``cls(**config_dict)`` raised TypeError for
+    these (a key named ``self``, a non-string key, a non-dict)."""
+    with pytest.raises(ValueError, match="OptQuantConfig"):
+        OptQuantConfig.from_dict(document)
+
+
+def test_config_from_dict_validates_keyword_overrides():
+    """The mixin set ``from_dict(d, bits=99)``'s kwargs *after* validation; they are fields too."""
+    with pytest.raises(ValueError, match="bits"):
+        OptQuantConfig.from_dict({}, bits=99)
+    config, unused = OptQuantConfig.from_dict({"format": "int"}, return_unused_kwargs=True, bits=5.0, other=1)
+    assert (config.bits, config.format, unused) == (5.0, "int", {"other": 1})
+
+
+CONFIG_SEEDS = [
+    OptQuantConfig(),
+    OptQuantConfig(bits=3.5, format="int", granularity="block", block_size=32, scale_format="fp8_e4m3",
+                   sparse_fraction=0.01, rotation_block=64, allocation="fisher-global", weighted_fit=True,
+                   modules_to_not_convert=["lm_head", "mlp"], seed=7),
+    OptQuantConfig(bits=4.25, format="cube_root", distribution="student_t", statistic="absmax",
+                   scale_format="e8m0", calibration_text="some text", calibration_tokens=512,
+                   calibration_seq_len=64, min_bits=2.0, max_bits=6.0, fisher_mode="empirical"),
+]
+JSON_TOKENS = [b'"self":1,', b'"bits":', b"null", b"1e999", b"NaN", b"-Infinity", b"-0", b"true", b"[", b"]",
+               b"{", b"}", b'"', b",", b":", b"\\u0000", b"9" * 30, b'"lm_head"', b'"optquant"', b" "]
+JSON_LITERALS = ["null", "true", "false", "0", "-0", "-0.0", "1", "4", "4.0", "4.5e0", "1E1", "64", "64.0", "8",
+                 "65536", "1e999", "-1e999", "NaN", "Infinity", "9" * 25, "9223372036854775808", "0.001", "0.5",
+                 '"4"', '""', '" "', '"grid"', '"int"', '"block"', '"absmax"', '"e8m0"', '"fisher"', '"lm_head"',
+                 "[]", '["lm_head"]', '[1]', "{}", '{"kind": "grid"}', '"\\ud800"']
+
+
+@st.composite
+def json_text_mutation(draw, seed: int) -> bytes:
+    """Edits of a config's JSON text: mostly a value replaced by a raw JSON literal (NaN, 1e999,
+    -0, "4", duplicate keys ...), so most inputs still parse and reach the config parser; also
+    byte flips, writes, deletions, token insertions and truncation."""
+    items = [[json.dumps(k), json.dumps(v)] for k, v in CONFIG_SEEDS[seed].to_dict().items()]
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["value", "value", "duplicate", "drop", "rename"]))
+        i = draw(st.integers(0, len(items) - 1))
+        if op == "value":
+            items[i][1] = draw(st.sampled_from(JSON_LITERALS))
+        elif op == "duplicate":
+            items.append([items[i][0], draw(st.sampled_from(JSON_LITERALS))])
+        elif op == "drop" and len(items) > 1:
+            del items[i]
+        elif op == "rename":
+            items[i][0] = items[i][0][:-1] + draw(st.sampled_from(["x", "_", "S", " "])) + '"'
+    data = bytearray(("{" + ", ".join(f"{k}: {v}" for k, v in items) + "}").encode())
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):  # most inputs stay parseable
+        op = draw(st.sampled_from(["flip", "write", "delete", "insert", "truncate"]))
+        pos = draw(st.integers(0, len(data)))
+        if op == "flip" and pos < len(data):
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "write" and pos < len(data):
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "delete":
+            del data[pos:pos + draw(st.integers(1, 12))]
+        elif op == "insert":
+            data[pos:pos] = draw(st.sampled_from(JSON_TOKENS))
+        elif op == "truncate":
+            del data[pos:]
+    return bytes(data)
+
+
+@_settings("config_json")
+@given(data=st.data(), seed=st.sampled_from(range(len(CONFIG_SEEDS))))
+def test_mutated_config_json_is_rejected_or_kept_exactly(data, seed):
+    text = data.draw(json_text_mutation(seed))
+    with _guard("config_json"):
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError):  # JSONDecodeError / bad UTF-8: never reaches our parser
+            OUTCOMES[("config_json", "not JSON (json.loads rejects)")] += 1
+            return
+        try:
+            parsed = OptQuantConfig.from_dict(document)
+        except ValueError as err:
+            assert "OptQuantConfig" in str(err), str(err)
+            OUTCOMES[("config_json", "rejected")] += 1
+            return
+        _check_accepted_config(document, parsed)
+        same = parsed.to_dict() == CONFIG_SEEDS[seed].to_dict()
+        OUTCOMES[("config_json", "accepted, " + ("identical to the original" if same else "fields kept exactly"))] += 1
+
+
+@functools.cache
+def config_scratch(name: str) -> str:
+    """A copy of a saved checkpoint whose config.json the config_file property overwrites."""
+    scratch = os.path.join(_root(), name + "-config")
+    shutil.copytree(base_checkpoint(name).saved, scratch)
+    return scratch
+
+
+@_settings("config_file")
+@given(name=st.sampled_from(["qwen2-int", "gpt2-lloyd"]),  # no grid: its forward costs ~1 s on CPU
+       edits=st.fixed_dictionaries({}, optional=CONFIG_FIELDS), drop=st.sets(st.sampled_from(sorted(
+           OptQuantConfig().to_dict())), max_size=3))
+def test_mutated_quantization_config_in_config_json(name, edits, drop):
+    """config.json's quantization_config (still an optquant dict) mutated, then from_pretrained:
+    a ValueError naming the field, or the model loads with bitwise-identical logits (the stored
+    formats come from the checksummed safetensors metadata, not from this dict)."""
+    base, scratch = base_checkpoint(name), config_scratch(name)
+    with open(os.path.join(base.saved, "config.json")) as f:
+        config = json.load(f)
+    quant = {k: v for k, v in config["quantization_config"].items() if k not in drop or k == "quant_method"}
+    quant.update({k: v for k, v in edits.items() if k not in ("quant_method", 3)})  # JSON keys are strings
+    config["quantization_config"] = quant
+    with open(os.path.join(scratch, "config.json"), "w") as f:
+        json.dump(config, f)
+    with _guard("config_file"):
+        try:
+            logits = _logits(transformers.AutoModelForCausalLM.from_pretrained(scratch))
+        except ValueError as err:
+            assert any(str(field) in str(err) for field in [*edits, *drop]), str(err)
+            OUTCOMES[("config_file", "rejected at load")] += 1
+            return
+        assert torch.equal(logits, base.logits), "silent wrong result: config.json edit changed the logits"
+        OUTCOMES[("config_file", "loaded, identical logits")] += 1
 
 
 # ---- property: spec dicts ------------------------------------------------------------------------------
@@ -556,13 +678,20 @@ def test_decoding_mutated_tensors_raises_or_returns_finite_weights(data, seed):
     with _guard("decode"):
         try:
             out = encoded.format.decode(EncodedTensor(encoded.format, encoded.shape, encoded.dtype, tensors))
-        except ValueError:
+        except ValueError as err:
+            assert str(err), "empty error message"
             OUTCOMES[("decode", "rejected")] += 1
             return
         assert out.shape == encoded.shape and out.dtype == encoded.dtype
         assert bool(torch.isfinite(out).all())
-        unchanged = tensors.keys() == encoded.tensors.keys() and all(
-            _same_bytes(tensors[k], encoded.tensors[k]) for k in tensors)
-        if unchanged:
-            assert torch.equal(out, encoded.format.decode(encoded))
-        OUTCOMES[("decode", "decoded (finite)")] += 1
+        changed = {k for k in tensors.keys() | encoded.tensors.keys()
+                   if k not in tensors or k not in encoded.tensors or not _same_bytes(tensors[k], encoded.tensors[k])}
+        if not changed or all(k.startswith("codes.") for k in changed):
+            # untouched, or only the entropy-coded stream changed (it carries its own CRC32): the
+            # output must be the original weights, bit for bit
+            assert torch.equal(out, encoded.format.decode(encoded)), f"silent wrong result: {sorted(changed)} changed"
+            OUTCOMES[("decode", "decoded, equals the original")] += 1
+        else:
+            # scales / packed codes / tables / outliers have no checksum at this level (the
+            # checkpoint's per-tensor CRC32 catches them on load: see the file property)
+            OUTCOMES[("decode", "decoded a changed unchecksummed buffer: finite, declared shape")] += 1

@@ -368,3 +368,19 @@ def test_torch_fallback_without_interpreter(monkeypatch):
     assert rel_err(y, ref) < 1e-6
     assert rel_err(lut_linear(x, p, path="torch"), ref) < 1e-6
     assert lut_linear(torch.randn(0, 90), p).shape == (0, 11)
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_forced_config_bypasses_the_autotuner(monkeypatch, path):
+    """With autotuning on, a forced config must go to the plain kernel: Triton's autotuner
+    refuses tuned names passed as arguments (found on the H100, invisible in the interpreter)."""
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setenv("HF_OPTQUANT_AUTOTUNE", "1")
+    packed = pack_lut_weight(*make_weight(64, 512, 4, 64), 4, 64)
+    x = torch.randn(1 if path == "gemv" else 16, 512)
+    cfg = {"BN": 64, "AHEAD": 1, "num_warps": 4} if path == "gemv" else {"BM": 16, "BN": 64, "J": 2, "num_warps": 4}
+    kern, tuned, *_ = LL._prepare(path, x, packed, None, dict(cfg), False)
+    assert not tuned and not isinstance(kern, Autotuner)
+    kern, tuned, *_ = LL._prepare(path, x, packed, None, None, False)
+    assert tuned and isinstance(kern, Autotuner)

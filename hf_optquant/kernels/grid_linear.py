@@ -58,16 +58,9 @@ from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, PROB_SCALE, H
 from ..coding.stream import decode_symbols, encode_tensors, lane_last_reads
 from ..formats.grid import GridElement
 from ..formats.tensor import EncodedTensor, TensorFormat
-
-try:  # Triton is optional
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .common import HAS_TRITON, tl, triton
+from .common import cdiv as _cdiv
+from .common import interpret_mode as _interpret_mode
 
 __all__ = [
     "GEMV_MAX_M",
@@ -87,14 +80,6 @@ _PLACEHOLDER = -128
 _PAD_WORDS = 64
 #: 1 = inline PTX (shared-memory table, warp ballot) on GPUs; 0 = portable Triton only.
 _ASM = int(os.environ.get("HF_OPTQUANT_GRID_ASM", "1"))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------

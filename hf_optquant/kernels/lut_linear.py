@@ -81,17 +81,10 @@ import types
 
 import torch
 
+from .common import HAS_TRITON, tl, triton
+from .common import cdiv as _cdiv
+from .common import interpret_mode as _interpret_mode
 from .reference import dequantize_reference
-
-try:  # Triton is optional
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
 
 __all__ = [
     "HAS_TRITON",
@@ -110,9 +103,9 @@ SUB_K = 16
 #: benchmarks/kernels_notes.md); larger batches use the tensor-core kernel.
 GEMV_MAX_M = 1
 #: Smallest batch for which dequantise-to-scratch + cuBLAS is used instead of the fused
-#: tl.dot kernel (``None``: never; not yet measured against the current GEMM, see
-#: benchmarks/kernels_notes.md).
-DEQUANT_MIN_M: int | None = None
+#: tl.dot kernel (``None``: never). H100, 4096x4096 4-bit (RESULTS section 5): tie at M = 64
+#: (30.3 vs 30.5 us), dequant 1.6x faster at M = 256 (38.9 vs 63.4 us).
+DEQUANT_MIN_M: int | None = 128
 #: LUT lookups on GPUs: 2 = table in shared memory, 1 = inline PTX ld.global.nc, 0 =
 #: tl.load (the interpreter always uses 0).
 _ASM_LUT_MODE = int(os.environ.get("HF_OPTQUANT_LUT_MODE", "2"))
@@ -124,14 +117,6 @@ _GEMM_SMEM_LUT = True
 _PAIR_LUT = os.environ.get("HF_OPTQUANT_PAIR_LUT", "1") == "1"
 
 _PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------
@@ -895,7 +880,32 @@ def _interpreted(fn):
 
     glb = dict(fn.__globals__)
     glb.update({name: _rebind(f, glb) for name, f in _PLAIN.items()})
-    return InterpretedFunction(_rebind(fn, glb))
+    return _StrictLaunch(InterpretedFunction(_rebind(fn, glb)), fn)
+
+
+class _StrictLaunch:
+    """An interpreted kernel that refuses keyword arguments the kernel does not declare.
+
+    The interpreter ignores them silently while the compiler raises, so without this a
+    stale constexpr passes every CPU test and fails only on the GPU.
+    """
+
+    _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+
+    def __init__(self, kernel, fn):
+        self.kernel = kernel
+        self.params = frozenset(inspect.signature(fn).parameters)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def checked(*args, **kwargs):
+            unknown = set(kwargs) - self.params - self._LAUNCH_OPTIONS
+            if unknown:
+                raise TypeError(f"kernel got undeclared arguments {sorted(unknown)}")
+            return launch(*args, **kwargs)
+
+        return checked
 
 
 # --------------------------------------------------------------------------------------
@@ -987,6 +997,11 @@ def _autotune(fn, configs, key, prune=None):
 _RAW = {"gemv": _lut_gemv_kernel, "gemm": _lut_gemm_kernel, "dequant": _lut_dequant_kernel}
 
 
+def autotune_enabled() -> bool:
+    """Autotuning is opt-in (``HF_OPTQUANT_AUTOTUNE=1``): see ``GEMV_DEFAULT``."""
+    return os.environ.get("HF_OPTQUANT_AUTOTUNE", "0") == "1"
+
+
 @functools.cache
 def _kernels(interpret: bool, tune: bool = True):
     """``{path: kernel}`` for the interpreter or the compiler, and whether it is autotuned."""
@@ -1000,11 +1015,13 @@ def _kernels(interpret: bool, tune: bool = True):
     return ks, True
 
 
-# Configs used when not autotuning (interpreter, HF_OPTQUANT_NO_AUTOTUNE=1); tests may
-# edit these dicts to cover other tile shapes.
-GEMV_DEFAULT = {"BN": 64, "AHEAD": 1, "num_warps": 4}
-GEMM_DEFAULT_SMALL = {"BM": 16, "BN": 64, "J": 2, "num_warps": 4}
-GEMM_DEFAULT_LARGE = {"BM": 64, "BN": 64, "J": 4, "num_warps": 4}
+# Configs used unless HF_OPTQUANT_AUTOTUNE=1: the autotuner's picks on the H100 for
+# 4096x4096 (benchmarks/RESULTS.md section 5). Autotuning is opt-in because it costs ~100 s
+# of compilation and timing per layer shape on the first calls (measured), which a user
+# meets on their first generate(); tests may edit these dicts to cover other tile shapes.
+GEMV_DEFAULT = {"BN": 64, "AHEAD": 2, "num_warps": 4}
+GEMM_DEFAULT_SMALL = {"BM": 16, "BN": 64, "J": 8, "num_warps": 4, "num_stages": 2}
+GEMM_DEFAULT_LARGE = {"BM": 64, "BN": 128, "J": 4, "SUBDOT": False, "num_warps": 8, "num_stages": 3}
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 
 
@@ -1216,12 +1233,13 @@ def _knob_state() -> tuple:
 def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, config, interpret: bool):
     """Kernel, grid function, runtime args, constexprs and split-K sizes of one call."""
     m, k, n = x2.shape[0], packed.in_features, packed.out_features
-    ks, tuned = _kernels(interpret, not os.environ.get("HF_OPTQUANT_NO_AUTOTUNE"))
+    ks, tuned = _kernels(interpret, autotune_enabled())
     meta = _format_meta(packed, k)
     meta.update(_table_meta(packed, path, interpret))
     n_groups = packed.n_groups
-    if config is not None:
+    if config is not None:  # a forced config bypasses the autotuner (it refuses tuned names as arguments)
         cfg, tuned = dict(config), False
+        ks = _kernels(interpret, False)[0]
     elif path == "gemv":
         cfg = {} if tuned else dict(GEMV_DEFAULT)
     else:
@@ -1326,6 +1344,7 @@ def _run_dequant(x2: torch.Tensor, packed: PackedLutWeight, interpret: bool) -> 
         meta = _format_meta(packed, k)
         tmeta = _table_meta(packed, "dequant", interpret)
         meta.update(LMODE=tmeta["LMODE"], SH0=tmeta["SH0"])
+        meta = {name: v for name, v in meta.items() if name in _param_names("dequant")}  # (no BSG: one group)
         cfg = dict(DEQUANT_CONFIG)
         runtime = dict(w_ptr=packed.qweight, lut_ptr=packed.lut, s_ptr=packed.scales, o_ptr=w, N=n, K=k,
                        ldw=packed.qweight.stride(0), lds=packed.scales.stride(0), ldo=w.stride(0))  # fmt: skip
