@@ -56,6 +56,7 @@ from .report import (
     plot_kl_vs_bits,
     write_report,
 )
+from .serialization import canonicalise_checkpoint
 
 __all__ = ["main", "CliError", "ModelRef", "resolve_model", "load_model", "truncate_layers", "check_device",
            "evaluate_configs", "inspect_checkpoint", "InspectRow"]
@@ -478,6 +479,7 @@ def cmd_quantize(args, argv: Sequence[str]) -> int:
         evaluations.append(Evaluation.from_result(result, _label(config), report.bits_per_param, config.bits, True))
         set_weight_cache(model, False)
     model.save_pretrained(out)
+    canonicalise_checkpoint(out)  # byte-identical files for the same model and config
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     bundle = ReportBundle(report, tuple(evaluations), ref.source(args.max_layers, args.dtype), _command_line(argv))

@@ -23,6 +23,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 from torch import nn
 
 from .nn.quant_linear import QuantLinear
+from .serialization import canonicalise_checkpoint
 
 __all__ = ["StorageSummary", "storage_summary", "model_card", "push_to_hub"]
 
@@ -174,6 +175,7 @@ def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer: Any | None = None,
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+        canonicalise_checkpoint(tmp)  # the same model uploads the same bytes (Hub dedup, reproducible repos)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         card.save(str(Path(tmp) / "README.md"))

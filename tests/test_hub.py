@@ -3,6 +3,7 @@ the card states the stored format, bits/parameter and the measured KL, and a dow
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hf_optquant import OptQuantConfig
 from hf_optquant.eval import evaluate_against_reference, reference_outputs
 from hf_optquant.hub import model_card, push_to_hub, storage_summary
 from hf_optquant.nn import QuantLinear
+from hf_optquant.serialization import canonicalise_checkpoint
 
 REPO = "user/tiny-optquant"
 
@@ -69,9 +71,14 @@ def test_push_uploads_checkpoint_tokenizer_and_card_and_download_reloads_identic
         snapshot = snapshot_download(REPO, endpoint=hub.endpoint, cache_dir=tmp_path / "cache", token="hf_test")
     assert info.oid == hub.repos[REPO].sha
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
-    # the uploaded checkpoint holds exactly what save_pretrained writes (the header's key order may differ)
+    # the uploaded checkpoint holds exactly what save_pretrained writes, header canonicalised: the same bytes
     uploaded, saved = safetensors_load(files["model.safetensors"]), load_file(local / "model.safetensors")
     assert uploaded.keys() == saved.keys() and all(torch.equal(uploaded[k], saved[k]) for k in saved)
+    canonicalise_checkpoint(local)
+    assert files["model.safetensors"] == (local / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(files["model.safetensors"][:8], "little")
+    metadata = json.loads(files["model.safetensors"][8:8 + header_len])["__metadata__"]
+    assert list(metadata) == sorted(metadata)  # (the order safetensors writes is random per process)
 
     card = ModelCard(files["README.md"].decode())
     assert "hf-optquant" in card.data.tags and card.data.library_name == "transformers"
