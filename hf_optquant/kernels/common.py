@@ -1,7 +1,9 @@
-"""What every Triton kernel module here shares: the optional Triton import and two helpers."""
+"""What every Triton kernel module here shares: the optional Triton import, two helpers and the
+strict interpreted launch."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 try:  # Triton is optional: without it every layer takes its torch path
@@ -14,7 +16,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "cdiv", "interpret_mode", "tl", "triton"]
+__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "tl", "triton"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -25,3 +27,28 @@ def cdiv(a: int, b: int) -> int:
 def interpret_mode() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``), read at call time."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class StrictLaunch:
+    """An interpreted kernel that refuses keyword arguments the kernel does not declare.
+
+    The interpreter ignores them silently while the compiler raises, so without this a
+    stale constexpr passes every CPU test and fails only on the GPU.
+    """
+
+    _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+
+    def __init__(self, kernel, fn):
+        self.kernel = kernel
+        self.params = frozenset(inspect.signature(fn).parameters)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def checked(*args, **kwargs):
+            unknown = set(kwargs) - self.params - self._LAUNCH_OPTIONS
+            if unknown:
+                raise TypeError(f"kernel got undeclared arguments {sorted(unknown)}")
+            return launch(*args, **kwargs)
+
+        return checked

@@ -58,7 +58,7 @@ from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, PROB_SCALE, H
 from ..coding.stream import decode_symbols, encode_tensors, lane_last_reads
 from ..formats.grid import GridElement
 from ..formats.tensor import EncodedTensor, TensorFormat
-from .common import HAS_TRITON, tl, triton
+from .common import HAS_TRITON, StrictLaunch, tl, triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 
@@ -615,7 +615,7 @@ def _kernel(interpret: bool):
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(_grid_kernel)
+        return StrictLaunch(InterpretedFunction(_grid_kernel), _grid_kernel)
     return triton.jit(_grid_kernel)
 
 

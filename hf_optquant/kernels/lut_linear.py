@@ -81,7 +81,7 @@ import types
 
 import torch
 
-from .common import HAS_TRITON, tl, triton
+from .common import HAS_TRITON, StrictLaunch, tl, triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .reference import dequantize_reference
@@ -880,32 +880,7 @@ def _interpreted(fn):
 
     glb = dict(fn.__globals__)
     glb.update({name: _rebind(f, glb) for name, f in _PLAIN.items()})
-    return _StrictLaunch(InterpretedFunction(_rebind(fn, glb)), fn)
-
-
-class _StrictLaunch:
-    """An interpreted kernel that refuses keyword arguments the kernel does not declare.
-
-    The interpreter ignores them silently while the compiler raises, so without this a
-    stale constexpr passes every CPU test and fails only on the GPU.
-    """
-
-    _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
-
-    def __init__(self, kernel, fn):
-        self.kernel = kernel
-        self.params = frozenset(inspect.signature(fn).parameters)
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def checked(*args, **kwargs):
-            unknown = set(kwargs) - self.params - self._LAUNCH_OPTIONS
-            if unknown:
-                raise TypeError(f"kernel got undeclared arguments {sorted(unknown)}")
-            return launch(*args, **kwargs)
-
-        return checked
+    return StrictLaunch(InterpretedFunction(_rebind(fn, glb)), fn)
 
 
 # --------------------------------------------------------------------------------------
