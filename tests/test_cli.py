@@ -41,6 +41,8 @@ from hf_optquant.report import (
     report_to_json,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 SEQ, EVAL_TOKENS = 32, 512
 QUANTIZE = ["--bits", "4", "--format", "int", "--allocation", "fisher", "--calibration-tokens", "256",
@@ -58,12 +60,6 @@ def _byte_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import runpy
 from pathlib import Path
 
 import pytest
-import torch
 
 from hf_optquant.data.models import DEFAULT_MODEL, OFFLINE_MODELS
 from hf_optquant.report import load_report
@@ -22,16 +21,13 @@ from hf_optquant.report import load_report
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SHORT = ["--max-layers", "1", "--calibration-tokens", "64"]
 
-pytestmark = pytest.mark.skipif(not OFFLINE_MODELS[DEFAULT_MODEL].is_installed(),
-                                reason=f"the embedded model needs: {OFFLINE_MODELS[DEFAULT_MODEL].install_command}")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not OFFLINE_MODELS[DEFAULT_MODEL].is_installed(),
+                       reason=f"the embedded model needs: {OFFLINE_MODELS[DEFAULT_MODEL].install_command}"),
+]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _example(name: str) -> dict:

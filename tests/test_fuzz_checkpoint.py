@@ -87,16 +87,13 @@ def _settings(name: str):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet(one_thread):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     yield
     transformers.logging.enable_progress_bar()
     transformers.logging.set_verbosity(verbosity)
-    torch.set_num_threads(threads)
 
 
 # ---- base checkpoints -------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from hf_optquant.nn import QuantLinear, buffer_name, set_weight_cache, tensor_ke
 from hf_optquant.quantizer import OptQuantHfQuantizer
 from hf_optquant.serialization import FORMAT_VERSION, METADATA_KEY, seal_metadata, tensor_crc32
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 256
 
 
@@ -85,13 +87,6 @@ CASES = {
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The 2 CPU cores are shared with other jobs; one intra-op thread is several times faster there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from hf_optquant.config import OptQuantConfig  # noqa: E402
 from hf_optquant.eval import harness  # noqa: E402
 from hf_optquant.nn import QuantLinear  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TASK = "optquant_tiny_mc"
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [{"question": f"Q{i}: {i} plus one is", "choices": [str(i + 1), str(i + 2), "a blue sky"], "answer": i % 3}
@@ -74,12 +76,6 @@ def _write_task(root: Path) -> str:
     return str(task_dir)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

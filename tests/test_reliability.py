@@ -57,16 +57,12 @@ from hf_optquant.serialization import (
     seal_metadata,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEED = int(os.environ.get("HF_OPTQUANT_TEST_SEED", "0"))
 VOCAB = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gen(offset: int = 0) -> torch.Generator:

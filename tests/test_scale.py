@@ -18,15 +18,11 @@ from hf_optquant.formats.fit import fit_format, relative_error, run_encode_job, 
 from hf_optquant.nn import QuantLinear
 from hf_optquant.quantize import checkpoint_source, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATTENTION_ONLY = ["lm_head", "mlp"]  # fewer grid tensors: each tiny one costs the coder ~2k sequential steps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:

@@ -29,6 +29,8 @@ from hf_optquant import quantizer as quantizer_module
 from hf_optquant.config import OptQuantConfig
 from hf_optquant.nn import QuantLinear
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
 # architecture -> (factory, sizes); "-small" variants (one layer) for the entropy coder, whose CPU
@@ -51,13 +53,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The 2 CPU cores are shared with other jobs; one intra-op thread is faster there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
