@@ -61,6 +61,7 @@ from .formats.fit import (
     EncodeOutcome,
     FitResult,
     PendingFit,
+    drive_fit,
     fit_format,
     realisable_bits,
     run_encode_job,
@@ -254,18 +255,9 @@ def quantize_tensor(name: str, w: torch.Tensor, config: OptQuantConfig, bits: fl
     start = time.perf_counter()
     pending = _start(w, config, bits + 1e-9, None)
     rms = _rms(w)
-    while True:  # the loop of formats.fit._drive, timed per stage
-        job = pending.job(w, None, local=True)
-        mark = time.perf_counter()
-        times["fit_s"] = times.get("fit_s", 0.0) + mark - start
-        outcome = run_encode_job(job)
-        del job
-        start = time.perf_counter()
-        times["encode_s"] = times.get("encode_s", 0.0) + start - mark
-        result = pending.accept(outcome)
-        if result is not None:
-            return result.encoded, _tensor_report(name, result, bits, rms, None)
-        times["retries"] = times.get("retries", 0.0) + 1
+    times["fit_s"] = times.get("fit_s", 0.0) + time.perf_counter() - start
+    result = drive_fit(pending, w, None, times)
+    return result.encoded, _tensor_report(name, result, bits, rms, None)
 
 
 def build_report(config: OptQuantConfig, names: list[str], reports: list[TensorReport], other_bits: int,

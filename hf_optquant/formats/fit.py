@@ -55,7 +55,7 @@ from .tensor import EncodedTensor, QuantisedParts, TensorFormat
 
 __all__ = ["FitResult", "fit_format", "FAMILIES", "DEFAULT_SCALING", "relative_error", "SEARCH_ELEMENTS",
            "DEVICE_SEARCH_ELEMENTS", "CHUNK_ELEMENTS", "EncodeJob", "EncodeOutcome", "PendingFit", "start_fit",
-           "run_encode_job"]
+           "run_encode_job", "drive_fit"]
 
 SEARCH_ELEMENTS = 1 << 16
 DEVICE_SEARCH_ELEMENTS = 1 << 22  # an accelerator scans 4M values per entropy evaluation in ~1 ms
@@ -534,16 +534,29 @@ def _compact(codes: torch.Tensor) -> torch.Tensor:
 @_family("grid")
 def _fit_grid(p: _Problem) -> TensorFormat:
     """The grid through the family interface (``fit_format`` calls :class:`_GridFit` directly)."""
-    result = _drive(_GridFit(p.bits, p.scaling, p.sparse, p.rotation, tuple(p.w.shape), p.w.dtype), p.w, p.weight)
+    result = drive_fit(_GridFit(p.bits, p.scaling, p.sparse, p.rotation, tuple(p.w.shape), p.w.dtype), p.w, p.weight)
     p.encoded = result.encoded
     return result.format
 
 
-def _drive(pending: PendingFit, w: torch.Tensor, weight: torch.Tensor | None) -> FitResult:
+def drive_fit(pending: PendingFit, w: torch.Tensor, weight: torch.Tensor | None = None,
+              times: dict[str, float] | None = None) -> FitResult:
+    """Run ``pending``'s encode jobs in this process until one is accepted.  ``times``, when
+    given, accumulates ``fit_s`` (job set-up and acceptance), ``encode_s`` and ``retries``."""
+    times = {} if times is None else times
     while True:
-        result = pending.accept(run_encode_job(pending.job(w, weight, local=True)))
+        start = time.perf_counter()
+        job = pending.job(w, weight, local=True)
+        mark = time.perf_counter()
+        outcome = run_encode_job(job)
+        del job
+        encoded = time.perf_counter()
+        result = pending.accept(outcome)
+        times["fit_s"] = times.get("fit_s", 0.0) + (mark - start) + (time.perf_counter() - encoded)
+        times["encode_s"] = times.get("encode_s", 0.0) + (encoded - mark)
         if result is not None:
             return result
+        times["retries"] = times.get("retries", 0.0) + 1
 
 
 def start_fit(
@@ -588,7 +601,7 @@ def fit_format(
     """Fit ``family`` to ``w`` within ``bits`` per element (all-inclusive)."""
     pending = start_fit(w, family, bits, scaling=scaling, sparse=sparse, rotation=rotation, weight=weight,
                         distribution=distribution)
-    return _drive(pending, w, weight)
+    return drive_fit(pending, w, weight)
 
 
 def realisable_bits(family: str, shape: tuple[int, ...], scaling: Scaling | None = None,
