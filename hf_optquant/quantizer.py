@@ -211,10 +211,18 @@ class OptQuantHfQuantizer(HfQuantizer):
         return model
 
     # ---- quantise while loading (no Fisher) ------------------------------------------------------
-    def _config(self) -> OptQuantConfig:
+    def _config(self, model: PreTrainedModel) -> OptQuantConfig:
+        """The effective config: the user's, with the modules kept in full precision filled in."""
         config = copy.deepcopy(self.quantization_config)
-        config.modules_to_not_convert = self.modules_to_not_convert
+        config.modules_to_not_convert = self.modules_to_not_convert or self._skip_list(model)
         return config
+
+    def _adopt(self, model: PreTrainedModel, config: OptQuantConfig, report: Any) -> None:
+        """Record a finished quantisation on the model (report, config for save_pretrained)."""
+        model.optquant_report = report
+        self.quantization_config = config
+        model.config.quantization_config = config
+        gc.collect()
 
     def _plan_streaming(self, model: PreTrainedModel) -> _StreamState | None:
         if not (STREAM_WHEN_POSSIBLE and STREAMING_SUPPORTED) or self.quantization_config.needs_fisher:
@@ -224,7 +232,7 @@ class OptQuantHfQuantizer(HfQuantizer):
         names = list(quantisable_modules(model, self.modules_to_not_convert))
         if not names:
             return None  # quantize_model says why (no linear to quantise)
-        return _StreamState(self._config(), names, {f"{n}.weight": n for n in names}, time.perf_counter())
+        return _StreamState(self._config(model), names, {f"{n}.weight": n for n in names}, time.perf_counter())
 
     def _quantise_loaded(self, model: PreTrainedModel, key: str, value: Any, missing_keys: set | None) -> bool:
         """Quantise the weight ``key`` just read (``value``: a tensor or a one-tensor list) and swap its
@@ -296,17 +304,13 @@ class OptQuantHfQuantizer(HfQuantizer):
         timings = {"workers": 0.0, **state.times, "streamed": float(streamed),
                    "total_s": time.perf_counter() - state.started}
         report = build_report(state.config, state.names, state.reports, other_bits, other_params, None, timings)
-        model.optquant_report = report
-        self.quantization_config = state.config
-        model.config.quantization_config = state.config
         self._stream = None
-        gc.collect()
+        self._adopt(model, state.config, report)
 
     def _quantize(self, model: PreTrainedModel) -> None:
         from .quantize import quantize_model
 
-        config = copy.deepcopy(self.quantization_config)
-        config.modules_to_not_convert = self.modules_to_not_convert or self._skip_list(model)
+        config = self._config(model)
         for name, p in model.named_parameters():
             if p.device.type == "meta":
                 raise ValueError(f"optquant cannot quantise {name}: it is on the meta device (offloaded); "
@@ -318,10 +322,7 @@ class OptQuantHfQuantizer(HfQuantizer):
             _, report = quantize_model(model, config, tokenizer=tokenizer, apply="modules",
                                        progress=logging.is_progress_bar_enabled())
         model.train(was_training)
-        model.optquant_report = report
-        self.quantization_config = config
-        model.config.quantization_config = config
-        gc.collect()
+        self._adopt(model, config, report)
 
     @staticmethod
     def _calibration_tokenizer(model: PreTrainedModel, config: OptQuantConfig):
