@@ -66,6 +66,7 @@ SMOKE = False  # --smoke: CPU + Triton interpreter, tiny shapes (tests this scri
 BLOCKS = (64, 128)  # scale block sizes timed by --mode full
 T0 = time.time()
 BUDGET = 1e9  # seconds; sections are skipped once exceeded
+SECTIONS = ("m1", "bits", "smallm", "largem", "eager")  # --sections: parts of --mode explore to run
 
 
 def log(*a):
@@ -357,13 +358,20 @@ def auto_path(m):
 # ----------------------------------------------------------------------------- explore
 
 
+SINGLE = {"PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}  # one 16-entry table, no pair lookups
 GEMV_VARIANTS = {
     "pair64a1": {"BN": 64, "AHEAD": 1, "num_warps": 4},
     "pair64a2": {"BN": 64, "AHEAD": 2, "num_warps": 4},
     "pair32a2": {"BN": 32, "AHEAD": 2, "num_warps": 4},
     "pair128a1": {"BN": 128, "AHEAD": 1, "num_warps": 4},
     "pair128a2w8": {"BN": 128, "AHEAD": 2, "num_warps": 8},
-    "single64a1": {"BN": 64, "AHEAD": 1, "num_warps": 4, "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False},
+    "single64a1": {"BN": 64, "AHEAD": 1, "num_warps": 4, **SINGLE},
+    "single64a2": {"BN": 64, "AHEAD": 2, "num_warps": 4, **SINGLE},
+    "single128a1w4": {"BN": 128, "AHEAD": 1, "num_warps": 4, **SINGLE},
+    "single128a2w8": {"BN": 128, "AHEAD": 2, "num_warps": 8, **SINGLE},
+    "single256a2w8": {"BN": 256, "AHEAD": 2, "num_warps": 8, **SINGLE},
+    "pair256a2w8": {"BN": 256, "AHEAD": 2, "num_warps": 8},
+    "pair128a2w8r64": {"BN": 128, "AHEAD": 2, "num_warps": 8, "maxnreg": 64},
 }
 SMALLM_VARIANTS = {  # M = 2..16
     "gemv32a1": ("gemv", {"BN": 32, "AHEAD": 1, "num_warps": 4}),
@@ -408,7 +416,7 @@ def explore(device, hbm, report, results):
         return rec
 
     # 1. M = 1, 4-bit: GEMV variants, two split targets
-    for n, k in SHAPES:
+    for n, k in SHAPES if "m1" in SECTIONS else ():
         if elapsed() > BUDGET * 0.40:
             log("budget: skipping rest of M=1 sweep")
             break
@@ -417,15 +425,15 @@ def explore(device, hbm, report, results):
             x = c.x(1)
             tb, tt = c.t_bf16(x), c.t_tinygemm(x)
             for name, cfg in GEMV_VARIANTS.items():
-                for per_sm in ((2, 4) if n * k <= 4096 * 14336 and name in ("pair64a1", "pair64a2") else (4,)):
+                for per_sm in (2, 4) if n * k <= 4096 * 14336 else (4,):
                     LL.GEMV_PROGRAMS_PER_SM = per_sm
-                    rec = variant(c, 1, name, "gemv", cfg, x, tb, tt, check=(name == "pair64a1"))
+                    rec = variant(c, 1, name, "gemv", cfg, x, tb, tt, check=(name in ("pair64a1", "pair128a2w8", "single128a2w8")))
                     rec.update(section="m1", per_sm=per_sm)
                     emit(rec)
             LL.GEMV_PROGRAMS_PER_SM = 4
         torch.cuda.empty_cache()
     # 2. other bits at M = 1 (two shapes)
-    for n, k in (SHAPES[3],):
+    for n, k in (SHAPES[3],) if "bits" in SECTIONS else ():
         for bits in (3, 8):
             if elapsed() > BUDGET * 0.45:
                 break
@@ -438,7 +446,7 @@ def explore(device, hbm, report, results):
                 emit(rec)
             cases.pop((n, k, bits, 128))
     # 3. M = 2..16
-    for n, k in (SHAPES[1], SHAPES[3], SHAPES[0]):
+    for n, k in (SHAPES[1], SHAPES[3], SHAPES[0]) if "smallm" in SECTIONS else ():
         c = case(n, k, 4, 128)
         for m in (2, 4, 16):
             if elapsed() > BUDGET * 0.65:
@@ -452,7 +460,7 @@ def explore(device, hbm, report, results):
                 rec.update(section="smallm")
                 emit(rec)
     # 4. M = 64, 256
-    for n, k in SHAPES:
+    for n, k in SHAPES if "largem" in SECTIONS else ():
         c = case(n, k, 4, 128)
         for m in (64, 256):
             if elapsed() > BUDGET * 0.92:
@@ -465,6 +473,8 @@ def explore(device, hbm, report, results):
                 emit(rec)
         torch.cuda.empty_cache()
     # 5. eager host overhead (cached direct launch vs the normal path), M=1
+    if "eager" not in SECTIONS:
+        return
     n, k = SHAPES[0]
     c = case(n, k, 4, 128)
     x = c.x(1)
@@ -545,7 +555,7 @@ def sass_report(out_dir):
         codes = torch.zeros(2, 512, dtype=torch.uint8)
         p = LL.pack_lut_weight(codes, torch.arange(2.0**bits), torch.ones(2, 512 // block), bits, block)
         meta = LL._format_meta(p, k)
-        tm = LL._table_meta(p, path, False)
+        tm = LL._table_meta(p, path, False, torch.bfloat16)
         tm["LMODE"] = 2
         meta.update(tm)
         ng, ldw, lds = k // 512, (k // 512) * bits * 16, k // block
@@ -718,16 +728,18 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter dry run of this script")
     ap.add_argument("--shapes", help="comma-separated NxK (out x in) layer shapes, default: the 8B-Llama four")
     ap.add_argument("--blocks", default="64,128", help="comma-separated scale block sizes for --mode full")
+    ap.add_argument("--sections", default="m1,bits,smallm,largem,eager", help="parts of --mode explore to run")
     ap.add_argument("--autotune", action="store_true", help="HF_OPTQUANT_AUTOTUNE=1 (default: the fixed configs)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    global SMOKE, SHAPES, BATCHES, BUDGET, BLOCKS
+    global SMOKE, SHAPES, BATCHES, BUDGET, BLOCKS, SECTIONS
     if args.mode == "sass":  # static analysis: no GPU, no interpreter
         rows = sass_report(args.out)
         with open(os.path.join(args.out, "kernels_sass.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
     BUDGET = args.budget
+    SECTIONS = tuple(args.sections.split(","))
     if args.shapes:
         SHAPES = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     BLOCKS = tuple(int(b) for b in args.blocks.split(","))

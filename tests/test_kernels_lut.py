@@ -239,17 +239,52 @@ GEMV_CONFIGS = [
     {"BN": 16, "AHEAD": 2, "num_warps": 4},  # 3 N tiles, prefetch 2 chunks ahead (crosses groups)
     {"BN": 32, "AHEAD": 1, "num_warps": 4},
     {"BN": 64, "AHEAD": 1, "num_warps": 4, "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False},
-    {"BN": 64, "AHEAD": 2, "num_warps": 4, "PAIR": True, "COPIES": 4, "SH0": 5, "BIG": True},  # lane copies
+    {"BN": 64, "AHEAD": 2, "num_warps": 4, "PAIR": True, "COPIES": 4, "SH0": 4, "BIG": True},  # lane copies
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("cfg", GEMV_CONFIGS)
 def test_gemv_variants(cfg):
-    """Tile sizes, chunk prefetch distance and table variants (pair / single, copies)."""
-    check(37, 600, 4, 32, 1, torch.float32, path="gemv", config=dict(cfg), seed=17)
+    """Tile sizes, chunk prefetch distance and table variants (pair / single, copies).
+
+    The pair table holds fp16 values, so it is checked with bf16 activations."""
+    dtype = torch.bfloat16 if cfg.get("PAIR") else torch.float32
+    check(37, 600, 4, 32, 1, dtype, path="gemv", config=dict(cfg), seed=17)
     if cfg.get("PAIR") is not True:
         check(21, 600, 3, 64, 3, torch.float32, path="gemv", config=dict(cfg), seed=18)
+
+
+def test_pair_table_only_for_16bit_activations():
+    """The fp16 pair table serves bf16/fp16 activations of 4-bit weights whose table fits fp16."""
+    codes, lut, scales = make_weight(8, 512, 4, 64, seed=5)
+    p = pack_lut_weight(codes, lut, scales, 4, 64)
+    meta = {dt: LL._table_meta(p, "gemv", False, dt) for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    assert meta[torch.bfloat16]["PAIR"] and meta[torch.float16]["PAIR"] and not meta[torch.float32]["PAIR"]
+    assert meta[torch.bfloat16]["COPIES"] * 4 == 1 << meta[torch.bfloat16]["SH0"]  # one 32-bit word per copy
+    for factor in (1e5, 1e-6):  # beyond fp16's largest / below its smallest normal value
+        far = pack_lut_weight(codes, lut * factor, scales, 4, 64)
+        assert not LL._table_meta(far, "gemv", False, torch.bfloat16)["PAIR"]
+    assert not LL._table_meta(p, "gemm", False, torch.bfloat16)["PAIR"]
+
+
+@needs_triton
+def test_pair_table_rounds_values_to_fp16():
+    """bf16 activations on the pair path compute with the fp16-rounded table: bitwise the single
+    fp32-table path on a table rounded to fp16 beforehand, and within bf16 tolerance of float64."""
+    n, k, block = 40, 1024, 64
+    codes, lut, scales = make_weight(n, k, 4, block, seed=41)
+    lut = lut + 1e-3 * torch.rand(16, generator=torch.Generator().manual_seed(3))  # not fp16-exact
+    p = pack_lut_weight(codes, lut, scales, 4, block)
+    p16 = pack_lut_weight(codes, lut.half().float(), scales, 4, block)
+    assert LL._table_meta(p, "gemv", False, torch.bfloat16)["PAIR"]
+    single = {**LL.GEMV_DEFAULT, "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}
+    for seed in range(3):
+        x = torch.randn(2, k, generator=torch.Generator().manual_seed(42 + seed)).bfloat16()[:1]
+        y = lut_linear(x, p, path="gemv")
+        assert torch.equal(y, lut_linear(x, p16, path="gemv", config=dict(single)))
+        ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), block)
+        assert rel_err(y, ref) < TOL[torch.bfloat16]
 
 
 GEMM_CONFIGS = [

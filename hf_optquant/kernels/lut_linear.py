@@ -339,7 +339,8 @@ def dequantize_packed(p: PackedLutWeight, dtype: torch.dtype = torch.float32) ->
 _CONSTEXPR = tl.constexpr if HAS_TRITON else str  # Triton kernels may read constexpr globals only
 _ASM_LUT1 = _CONSTEXPR("{ .reg .u32 a; mov.u32 a, hfoq_lut_smem; add.u32 a, a, $1; ld.shared.f32 $0, [a]; }")
 _ASM_LUT2 = _CONSTEXPR(
-    "{ .reg .u32 a; mov.u32 a, hfoq_lut_smem; add.u32 a, a, $2; ld.shared.v2.f32 {$0, $1}, [a]; }"
+    "{ .reg .u32 a; .reg .b32 r; .reg .b16 l, h; mov.u32 a, hfoq_lut_smem; add.u32 a, a, $2; "
+    "ld.shared.b32 r, [a]; mov.b32 {l, h}, r; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }"
 )
 _ASM_DECL_SMALL = _CONSTEXPR(".shared .align 1024 .b8 hfoq_lut_smem[1024];\n\tmov.u32 $0, hfoq_lut_smem;")
 _ASM_DECL_BIG = _CONSTEXPR(".shared .align 1024 .b8 hfoq_lut_smem[32768];\n\tmov.u32 $0, hfoq_lut_smem;")
@@ -387,15 +388,15 @@ def _lut_value(off, lut_ptr, base_hi, LMODE: tl.constexpr, SH0: tl.constexpr):
 
 
 def _lut_pair(off, lut_ptr, LMODE: tl.constexpr, SH0: tl.constexpr):
-    """``(lut[byte & 15], lut[byte >> 4])`` for the byte in ``off`` (pair table, 4-bit)."""
+    """``(lut[byte & 15], lut[byte >> 4])`` rounded to fp16, for the byte in ``off`` (pair table)."""
     if LMODE == 2:
         lo, hi = tl.inline_asm_elementwise(
             _ASM_LUT2, "=r,=r,r", [off], dtype=(tl.float32, tl.float32), is_pure=True, pack=1
         )
     else:
         e = off >> SH0
-        lo = tl.load(lut_ptr + (e & 15))
-        hi = tl.load(lut_ptr + (e >> 4))
+        lo = tl.load(lut_ptr + (e & 15)).to(tl.float16).to(tl.float32)
+        hi = tl.load(lut_ptr + (e >> 4)).to(tl.float16).to(tl.float32)
     return lo, hi
 
 
@@ -417,16 +418,15 @@ def _lut_table(lut_ptr, zero, LMODE: tl.constexpr, PAIR: tl.constexpr, COPIES: t
         sym = tl.sum(decl, 0)
         e = tl.arange(0, NENT)[:, None]  # [NENT, 1]: one table read per entry, not per copy
         c = tl.arange(0, COPIES)[None, :]
-        if PAIR:
-            lo = tl.load(lut_ptr + (e & 15))
-            hi = tl.load(lut_ptr + (e >> 4))
-            addr = sym + (e * COPIES + c) * 8
+        if PAIR:  # (fp16 lo, fp16 hi) in one 32-bit word
+            lo = tl.load(lut_ptr + (e & 15)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            hi = tl.load(lut_ptr + (e >> 4)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+            addr = sym + (e * COPIES + c) * 4
             tl.inline_asm_elementwise(
-                "st.shared.v2.f32 [$1], {$2, $3};\n\tmov.u32 $0, 0;", "=r,r,f,f",
-                [addr, lo + (addr * 0).to(tl.float32), hi + (addr * 0).to(tl.float32)], dtype=tl.int32,
-                is_pure=False, pack=1,
+                "st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [addr, (lo | (hi << 16)) + addr * 0],
+                dtype=tl.int32, is_pure=False, pack=1,
             )  # fmt: skip
-            width = 8
+            width = 4
         else:
             v = tl.load(lut_ptr + e)
             addr = sym + (e * COPIES + c) * 4
@@ -1078,19 +1078,36 @@ def _format_meta(p: PackedLutWeight, k: int) -> dict:
     )
 
 
-def _table_meta(p: PackedLutWeight, path: str, interpret: bool) -> dict:
-    """How a kernel reads the table: LMODE, pair table, copies, offset shift (see above)."""
+def _lut_fits_fp16(p: PackedLutWeight) -> bool:
+    """Whether every nonzero table value lies in fp16's normal range (relative rounding error
+    <= 2**-11); cached on the weight (one device sync)."""
+    ok = p._launch_cache.get("lut_fits_fp16")
+    if ok is None:
+        mag = p.lut.abs()
+        mag = mag[mag > 0]
+        ok = bool(mag.numel() == 0 or (mag.min() >= 2.0**-14 and mag.max() <= 65504))
+        p._launch_cache["lut_fits_fp16"] = ok
+    return ok
+
+
+def _table_meta(p: PackedLutWeight, path: str, interpret: bool, act_dtype: torch.dtype) -> dict:
+    """How a kernel reads the table: LMODE, pair table, copies, offset shift (see above).
+
+    The pair table holds fp16 values, so it serves 16-bit activations only (whose own
+    rounding is as coarse or coarser); fp32 activations read the fp32 single table.
+    """
     aligned = p.lut.data_ptr() % (p.lut.numel() * 4) == 0
     mode = 0 if interpret else _ASM_LUT_MODE
     if path == "gemm" and not _GEMM_SMEM_LUT:
         mode = min(mode, 1)
     if mode == 1 and not aligned:
         mode = 0
-    pair = path == "gemv" and p.bits == 4 and _PAIR_LUT
+    pair = (path == "gemv" and p.bits == 4 and _PAIR_LUT and act_dtype in (torch.bfloat16, torch.float16)
+            and _lut_fits_fp16(p))  # fmt: skip
     copies = 1
     if mode == 2 and path == "gemv":
-        copies = 16 if pair else (32 if p.bits >= 6 else 1)
-    width = 8 if pair else 4
+        copies = 32 if pair or p.bits >= 6 else 1
+    width = 4
     sh0 = int(math.log2(copies * width))
     nent = 256 if pair else (1 << p.bits)
     return dict(LMODE=mode, PAIR=pair, COPIES=copies, SH0=sh0, BIG=nent * copies * width > 1024)
@@ -1210,7 +1227,7 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
     m, k, n = x2.shape[0], packed.in_features, packed.out_features
     ks, tuned = _kernels(interpret, autotune_enabled())
     meta = _format_meta(packed, k)
-    meta.update(_table_meta(packed, path, interpret))
+    meta.update(_table_meta(packed, path, interpret, x2.dtype))
     n_groups = packed.n_groups
     if config is not None:  # a forced config bypasses the autotuner (it refuses tuned names as arguments)
         cfg, tuned = dict(config), False
@@ -1317,7 +1334,7 @@ def _run_dequant(x2: torch.Tensor, packed: PackedLutWeight, interpret: bool) -> 
     else:
         ks, _ = _kernels(interpret, False)
         meta = _format_meta(packed, k)
-        tmeta = _table_meta(packed, "dequant", interpret)
+        tmeta = _table_meta(packed, "dequant", interpret, w.dtype)
         meta.update(LMODE=tmeta["LMODE"], SH0=tmeta["SH0"])
         meta = {name: v for name, v in meta.items() if name in _param_names("dequant")}  # (no BSG: one group)
         cfg = dict(DEQUANT_CONFIG)
