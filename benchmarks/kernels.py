@@ -427,7 +427,8 @@ def explore(device, hbm, report, results):
             for name, cfg in GEMV_VARIANTS.items():
                 for per_sm in (2, 4) if n * k <= 4096 * 14336 else (4,):
                     LL.GEMV_PROGRAMS_PER_SM = per_sm
-                    rec = variant(c, 1, name, "gemv", cfg, x, tb, tt, check=(name in ("pair64a1", "pair128a2w8", "single128a2w8")))
+                    check = name in ("pair64a1", "pair128a2w8", "single128a2w8")
+                    rec = variant(c, 1, name, "gemv", cfg, x, tb, tt, check=check)
                     rec.update(section="m1", per_sm=per_sm)
                     emit(rec)
             LL.GEMV_PROGRAMS_PER_SM = 4
