@@ -305,6 +305,15 @@ def test_gemm_variants(cfg):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_gemm_default_configs_every_width(bits):
+    """The fixed default GEMM configs (no autotuner to prune them) hold for every code width:
+    an 8-bit chunk has 4 sub-slots, fewer than the default K step of 8 (found on the H100)."""
+    check(33, 1100, bits, 128, 16, torch.bfloat16, path="gemm", seed=60 + bits)
+    check(33, 1100, bits, 64, 40, torch.bfloat16, path="gemm", seed=70 + bits)
+
+
+@needs_triton
 def test_dequant_scratch_reuse():
     """The scratch buffer grows to the largest layer and is shared; results stay exact."""
     LL._SCRATCH.clear()

@@ -1236,6 +1236,8 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
         cfg = {} if tuned else dict(GEMV_DEFAULT)
     else:
         cfg = {} if tuned else dict(GEMM_DEFAULT_SMALL if m <= 16 else GEMM_DEFAULT_LARGE)
+        if "J" in cfg:  # a K step must not straddle chunks: J divides the sub-slots per chunk
+            cfg["J"] = math.gcd(cfg["J"], meta["SLOTS_A"], meta["SLOTS_B"] if meta["BITS_B"] else 32)
     if path == "gemv":
         bm = 1 if m == 1 else (2 if m == 2 else 4)
         m_tiles = _cdiv(m, bm)
