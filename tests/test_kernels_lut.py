@@ -285,6 +285,10 @@ def test_pair_table_rounds_values_to_fp16():
         assert torch.equal(y, lut_linear(x, p16, path="gemv", config=dict(single)))
         ref = lut_linear_reference(x.double(), codes, lut.double(), scales.double(), block)
         assert rel_err(y, ref) < TOL[torch.bfloat16]
+        # one group per program (split-K 2): the pair table's set-up would not pay off, so the
+        # fp32 single table serves it, bitwise
+        y2 = lut_linear(x, p, path="gemv", split_k=2)
+        assert torch.equal(y2, lut_linear(x, p, path="gemv", split_k=2, config=dict(single)))
 
 
 GEMM_CONFIGS = [

@@ -37,10 +37,14 @@ Kernels (``path`` of :func:`lut_linear`)
   The table lives in shared memory (a ``.shared`` array declared in inline PTX, read with
   ``ld.shared`` at ``symbol + offset``, which ptxas folds into ``LDS [R+UR]``):
 
-  - *pair table* (4-bit): 256 entries ``(lut[lo], lut[hi])`` indexed by a whole byte, so
-    one 8-byte ``LDS.64`` serves two codes (per two codes: SHF + LOP3 + LDS + 2 FFMA);
-    it is replicated 16 times, copy ``lane % 16`` at bank pair ``lane % 16``, so the
-    random lookups of a half-warp never conflict (32 KB);
+  - *pair table* (4-bit codes, bf16/fp16 activations): 256 entries ``(lut[lo], lut[hi])``
+    rounded to fp16 and packed in one 32-bit word, indexed by a whole byte, so one ``LDS.32``
+    serves two codes (per two codes: SHF + LOP3 + LDS + 2 cvt + 2 FFMA).  It is replicated
+    32 times, copy ``lane`` in bank ``lane``, so a warp's random lookups never conflict
+    (32 KB).  Shared-memory wavefronts, not DRAM, bounded the GEMV (Nsight Compute, H100):
+    a wavefront moves 128 bytes, so 2-byte values serve 64 codes per wavefront where fp32
+    values serve 32.  The fp16 rounding (<= 2**-11 relative, tables within fp16's normal
+    range only) is finer than the activations' own; fp32 activations use the fp32 table;
   - otherwise one entry per code; 6- and 8-bit tables are replicated 32 times (one copy
     per bank) for the same reason, smaller tables fit the 32 banks as they are.
 * ``gemm`` -- ``_lut_gemm_kernel``, ``tl.dot`` (wgmma/mma) for larger batches: per K step
@@ -896,7 +900,10 @@ _MIN_BM_GEMM, _MIN_BN_GEMM = 16, 32
 GEMM_SUBDOT = True
 #: GEMV programs wanted per SM before split-K stops (more programs: more loads in flight,
 #: but more table set-ups and partial sums).
-GEMV_PROGRAMS_PER_SM = 2
+GEMV_PROGRAMS_PER_SM = 4
+#: Fewest groups per GEMV program for the pair table: its 32 KB set-up costs more than it
+#: saves on shorter K slices (H100: 4096x4096 10.1 us with it, 9.5 without; RESULTS section 5).
+PAIR_MIN_GROUPS = 2
 
 
 def _gemv_configs():
@@ -990,11 +997,12 @@ def _kernels(interpret: bool, tune: bool = True):
     return ks, True
 
 
-# Configs used unless HF_OPTQUANT_AUTOTUNE=1: the autotuner's picks on the H100 for
-# 4096x4096 (benchmarks/RESULTS.md section 5). Autotuning is opt-in because it costs ~100 s
+# Configs used unless HF_OPTQUANT_AUTOTUNE=1: the GEMV's is the best of an H100 sweep over
+# the four 8B-Llama shapes (within 1-6% of each shape's best), the GEMM's the autotuner's picks
+# for 4096x4096 (benchmarks/RESULTS.md section 5). Autotuning is opt-in because it costs ~100 s
 # of compilation and timing per layer shape on the first calls (measured), which a user
 # meets on their first generate(); tests may edit these dicts to cover other tile shapes.
-GEMV_DEFAULT = {"BN": 64, "AHEAD": 2, "num_warps": 4}
+GEMV_DEFAULT = {"BN": 128, "AHEAD": 2, "num_warps": 8}
 GEMM_DEFAULT_SMALL = {"BM": 16, "BN": 64, "J": 8, "num_warps": 4, "num_stages": 2}
 GEMM_DEFAULT_LARGE = {"BM": 64, "BN": 128, "J": 4, "SUBDOT": False, "num_warps": 8, "num_stages": 3}
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
@@ -1090,7 +1098,7 @@ def _lut_fits_fp16(p: PackedLutWeight) -> bool:
     return ok
 
 
-def _table_meta(p: PackedLutWeight, path: str, interpret: bool, act_dtype: torch.dtype) -> dict:
+def _table_meta(p: PackedLutWeight, path: str, interpret: bool, act_dtype: torch.dtype, pair_ok: bool = True) -> dict:
     """How a kernel reads the table: LMODE, pair table, copies, offset shift (see above).
 
     The pair table holds fp16 values, so it serves 16-bit activations only (whose own
@@ -1102,7 +1110,7 @@ def _table_meta(p: PackedLutWeight, path: str, interpret: bool, act_dtype: torch
         mode = min(mode, 1)
     if mode == 1 and not aligned:
         mode = 0
-    pair = (path == "gemv" and p.bits == 4 and _PAIR_LUT and act_dtype in (torch.bfloat16, torch.float16)
+    pair = (pair_ok and path == "gemv" and p.bits == 4 and _PAIR_LUT and act_dtype in (torch.bfloat16, torch.float16)
             and _lut_fits_fp16(p))  # fmt: skip
     copies = 1
     if mode == 2 and path == "gemv":
@@ -1245,6 +1253,8 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
         split = max(1, min(split, n_groups))
         n_cnt = m_tiles * _cdiv(n, _MIN_BN_GEMV)
         meta.update(SPLIT=split > 1, KMAJOR=_gemv_kmajor(), BM=bm)
+        if meta["PAIR"] and _cdiv(n_groups, split) < PAIR_MIN_GROUPS:  # set-up not amortised
+            meta.update(_table_meta(packed, path, interpret, x2.dtype, pair_ok=False))
         for name in ("COPIES", "SH0", "BIG", "PAIR", "LMODE"):
             if name in cfg:  # experiments may force the table variant
                 meta[name] = cfg.pop(name)
