@@ -67,6 +67,7 @@ BLOCKS = (64, 128)  # scale block sizes timed by --mode full
 T0 = time.time()
 BUDGET = 1e9  # seconds; sections are skipped once exceeded
 SECTIONS = ("m1", "bits", "smallm", "largem", "eager")  # --sections: parts of --mode explore to run
+VARIANTS: tuple = ()  # --variants: GEMV variants of the M = 1 sweep (default: all)
 
 
 def log(*a):
@@ -372,6 +373,9 @@ GEMV_VARIANTS = {
     "single256a2w8": {"BN": 256, "AHEAD": 2, "num_warps": 8, **SINGLE},
     "pair256a2w8": {"BN": 256, "AHEAD": 2, "num_warps": 8},
     "pair128a2w8r64": {"BN": 128, "AHEAD": 2, "num_warps": 8, "maxnreg": 64},
+    "pair128a2w8cg": {"BN": 128, "AHEAD": 2, "num_warps": 8, "CG": True},  # code words bypass L1
+    "pair128a2w8xs": {"BN": 128, "AHEAD": 2, "num_warps": 8, "XS": True},  # activations in smem
+    "pair128a2w8xscg": {"BN": 128, "AHEAD": 2, "num_warps": 8, "XS": True, "CG": True},
 }
 SMALLM_VARIANTS = {  # M = 2..16
     "gemv32a1": ("gemv", {"BN": 32, "AHEAD": 1, "num_warps": 4}),
@@ -420,14 +424,16 @@ def explore(device, hbm, report, results):
         if elapsed() > BUDGET * 0.40:
             log("budget: skipping rest of M=1 sweep")
             break
-        for blk in (128, 64):
+        for blk in sorted(BLOCKS, reverse=True):
             c = case(n, k, 4, blk)
             x = c.x(1)
             tb, tt = c.t_bf16(x), c.t_tinygemm(x)
             for name, cfg in GEMV_VARIANTS.items():
+                if VARIANTS and name not in VARIANTS:
+                    continue
                 for per_sm in (2, 4) if n * k <= 4096 * 14336 else (4,):
                     LL.GEMV_PROGRAMS_PER_SM = per_sm
-                    check = name in ("pair64a1", "pair128a2w8", "single128a2w8")
+                    check = name in ("pair64a1", "pair128a2w8", "single128a2w8") or name.startswith("pair128a2w8")
                     rec = variant(c, 1, name, "gemv", cfg, x, tb, tt, check=check)
                     rec.update(section="m1", per_sm=per_sm)
                     emit(rec)
@@ -561,7 +567,7 @@ def sass_report(out_dir):
         meta.update(tm)
         ng, ldw, lds = k // 512, (k // 512) * bits * 16, k // block
         if path == "gemv":
-            meta.update(SPLIT=False, KMAJOR=LL._gemv_kmajor(), BM=1)
+            meta.update(SPLIT=False, KMAJOR=LL._gemv_kmajor(), BM=1, CG=False, XS=False)
         else:
             for name in ("COPIES", "PAIR", "BIG"):
                 meta.pop(name)
@@ -730,10 +736,11 @@ def main():
     ap.add_argument("--shapes", help="comma-separated NxK (out x in) layer shapes, default: the 8B-Llama four")
     ap.add_argument("--blocks", default="64,128", help="comma-separated scale block sizes for --mode full")
     ap.add_argument("--sections", default="m1,bits,smallm,largem,eager", help="parts of --mode explore to run")
+    ap.add_argument("--variants", default="", help="comma-separated GEMV variants of the M = 1 sweep (default all)")
     ap.add_argument("--autotune", action="store_true", help="HF_OPTQUANT_AUTOTUNE=1 (default: the fixed configs)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    global SMOKE, SHAPES, BATCHES, BUDGET, BLOCKS, SECTIONS
+    global SMOKE, SHAPES, BATCHES, BUDGET, BLOCKS, SECTIONS, VARIANTS
     if args.mode == "sass":  # static analysis: no GPU, no interpreter
         rows = sass_report(args.out)
         with open(os.path.join(args.out, "kernels_sass.json"), "w") as f:
@@ -741,6 +748,7 @@ def main():
         return
     BUDGET = args.budget
     SECTIONS = tuple(args.sections.split(","))
+    VARIANTS = tuple(v for v in args.variants.split(",") if v)
     if args.shapes:
         SHAPES = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     BLOCKS = tuple(int(b) for b in args.blocks.split(","))

@@ -347,6 +347,14 @@ _ASM_LUT2 = _CONSTEXPR(
     "ld.shared.b32 r, [a]; mov.b32 {l, h}, r; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }"
 )
 _ASM_DECL_SMALL = _CONSTEXPR(".shared .align 1024 .b8 hfoq_lut_smem[1024];\n\tmov.u32 $0, hfoq_lut_smem;")
+#: bf16 activations of a GEMV program's K range in shared memory (``XS`` in the GEMV); with
+#: the 32 KB pair table this stays under the 48 KB of static shared memory a kernel may use.
+X_SMEM_VALUES = 4096
+_ASM_DECL_X = _CONSTEXPR(f".shared .align 16 .b8 hfoq_x_smem[{2 * X_SMEM_VALUES}];\n\tmov.u32 $0, hfoq_x_smem;")
+_ASM_X4 = _CONSTEXPR(  # 4 bf16 -> 4 fp32 (a bf16 is the top half of an fp32)
+    "{ .reg .u32 a, lo, hi; mov.u32 a, hfoq_x_smem; add.u32 a, a, $4; ld.shared.v2.b32 {lo, hi}, [a]; "
+    "shl.b32 $0, lo, 16; and.b32 $1, lo, 0xFFFF0000; shl.b32 $2, hi, 16; and.b32 $3, hi, 0xFFFF0000; }"
+)
 _ASM_DECL_BIG = _CONSTEXPR(".shared .align 1024 .b8 hfoq_lut_smem[32768];\n\tmov.u32 $0, hfoq_lut_smem;")
 
 
@@ -473,6 +481,38 @@ def _gemv_x(x_row, kk, row, M, K, EVEN_K: tl.constexpr, ROW_MASK: tl.constexpr):
     return xv.to(tl.float32)
 
 
+def _chunk_load(ptr, mask, CG: tl.constexpr):
+    """A chunk of code words, read once: ``CG`` keeps it out of L1 (``ld.global.cg``), so the
+    activations stay cached there; otherwise it is cached and evicted first."""
+    if CG:
+        w = tl.load(ptr, mask=mask, other=0, cache_modifier=".cg")
+    else:
+        w = tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
+    return w
+
+
+def _x_stage(x_row, k_lo, k_hi, K, ST: tl.constexpr):
+    """Copy bf16 ``x[k_lo:k_hi]`` (zero past K) into the shared array ``hfoq_x_smem``."""
+    decl = tl.inline_asm_elementwise(_ASM_DECL_X, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32,
+                                     is_pure=False, pack=1)  # fmt: skip
+    sym = tl.sum(decl, 0)
+    offs = tl.arange(0, ST)
+    for i in range(k_lo, k_hi, ST):
+        kk = i + offs
+        xv = tl.load(x_row + kk, mask=(kk < K) & (kk < k_hi), other=0.0)
+        bits = xv.to(tl.int16, bitcast=True).to(tl.int32)
+        tl.inline_asm_elementwise("st.shared.b16 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r",
+                                  [sym + (kk - k_lo) * 2, bits], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    tl.debug_barrier()
+
+
+def _x_smem(off):
+    """fp32 values of the bf16 activations at byte offsets ``off`` of ``hfoq_x_smem``: one 8-byte
+    ``ld.shared`` per 4 consecutive elements of a thread (their first offset is 8-byte aligned)."""
+    return tl.inline_asm_elementwise(_ASM_X4, "=r,=r,=r,=r,r,r,r,r", [off], dtype=tl.float32, is_pure=True,
+                                     pack=4)  # fmt: skip
+
+
 def _chunk_ptr(w_tile, g, q, D: tl.constexpr, NQ: tl.constexpr, PLANE_OFF: tl.constexpr,
                GW: tl.constexpr, C: tl.constexpr):  # fmt: skip
     """Address tile and group index of the chunk D chunks after chunk q of group g."""
@@ -488,7 +528,7 @@ def _lut_gemv_kernel(
     SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
     LMODE: tl.constexpr, PAIR: tl.constexpr, COPIES: tl.constexpr, SH0: tl.constexpr, BIG: tl.constexpr,
     SPLIT: tl.constexpr, KMAJOR: tl.constexpr, BM: tl.constexpr, AHEAD: tl.constexpr,
-    BN: tl.constexpr,
+    CG: tl.constexpr, XS: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     # Tiles are [C, BN] (KMAJOR) or [BN, C]: KMAJOR only changes register layouts (which
     # one a Triton version gives the tiles without a shared-memory shuffle).  Rows of x
@@ -525,20 +565,22 @@ def _lut_gemv_kernel(
     ok1 = (offs_n * 0 + row0 + 1) < M  # [BN] (see _gemv_x on scalar masks)
     ok2 = (offs_n * 0 + row0 + 2) < M
     ok3 = (offs_n * 0 + row0 + 3) < M
+    if XS:  # (BM = 1, LMODE 2, the K range fits X_SMEM_VALUES)
+        _x_stage(x0, g_lo * G, g_hi * G, K, 1024)
     base, base_hi = _lut_table(lut_ptr, zero, LMODE, PAIR, COPIES, NENT, BIG)
 
     # chunk streams (plane A: chunks 0..BITS_A-1 of each group; plane B after them)
     pa, ga = _chunk_ptr(w_tile, g_lo, 0, 0, BITS_A, 0, GW, C)
-    wa = tl.load(pa, mask=nm2 & ((zero + ga) < g_hi), other=0, eviction_policy="evict_first")
+    wa = _chunk_load(pa, nm2 & ((zero + ga) < g_hi), CG)
     if AHEAD == 2:
         pa, ga = _chunk_ptr(w_tile, g_lo, 0, 1, BITS_A, 0, GW, C)
-        wa1 = tl.load(pa, mask=nm2 & ((zero + ga) < g_hi), other=0, eviction_policy="evict_first")
+        wa1 = _chunk_load(pa, nm2 & ((zero + ga) < g_hi), CG)
     if BITS_B > 0:
         pb, gb = _chunk_ptr(w_tile, g_lo, 0, 0, BITS_B, BITS_A, GW, C)
-        wb = tl.load(pb, mask=nm2 & ((zero + gb) < g_hi), other=0, eviction_policy="evict_first")
+        wb = _chunk_load(pb, nm2 & ((zero + gb) < g_hi), CG)
         if AHEAD == 2:
             pb, gb = _chunk_ptr(w_tile, g_lo, 0, 1, BITS_B, BITS_A, GW, C)
-            wb1 = tl.load(pb, mask=nm2 & ((zero + gb) < g_hi), other=0, eviction_policy="evict_first")
+            wb1 = _chunk_load(pb, nm2 & ((zero + gb) < g_hi), CG)
     else:
         wb = wa
 
@@ -554,11 +596,11 @@ def _lut_gemv_kernel(
             # ---- prefetch: at the start of a chunk, load the one AHEAD chunks further on
             if s % SLOTS_A == 0:
                 pa, ga = _chunk_ptr(w_tile, g, s // SLOTS_A, AHEAD, BITS_A, 0, GW, C)
-                wa_new = tl.load(pa, mask=nm2 & ((zero + ga) < g_hi), other=0, eviction_policy="evict_first")
+                wa_new = _chunk_load(pa, nm2 & ((zero + ga) < g_hi), CG)
             if BITS_B > 0:
                 if s % SLOTS_B == 0:
                     pb, gb = _chunk_ptr(w_tile, g, s // SLOTS_B, AHEAD, BITS_B, BITS_A, GW, C)
-                    wb_new = tl.load(pb, mask=nm2 & ((zero + gb) < g_hi), other=0, eviction_policy="evict_first")
+                    wb_new = _chunk_load(pb, nm2 & ((zero + gb) < g_hi), CG)
             # ---- codes of sub-slot s (k = k0 + s*C + t) -> table values v
             if PAIR:  # 4-bit: byte s // 2 of the word holds sub-slots s and s + 1
                 if s % 2 == 0:
@@ -572,7 +614,10 @@ def _lut_gemv_kernel(
                 v = _lut_value(off, lut_ptr, base_hi, LMODE, SH0)
             # ---- times x, summed over the scale block, then scaled
             kk = k0 + s * C + cc
-            p0 = v * _gemv_x(x0, kk, row0, M, K, EVEN_K, False)
+            if XS:
+                p0 = v * _x_smem((kk - g_lo * G) * 2)
+            else:
+                p0 = v * _gemv_x(x0, kk, row0, M, K, EVEN_K, False)
             if BM > 1:
                 p1 = v * _gemv_x(x0 + stride_xm, kk, row0 + 1, M, K, EVEN_K, True)
             if BM > 2:
@@ -861,7 +906,7 @@ def _lut_dequant_kernel(
 
 
 _HELPERS = ("_code_offset", "_var_offset", "_plane_offsets", "_lut_value", "_lut_pair", "_lut_table",
-            "_gemv_x", "_chunk_ptr", "_gemm_subdot")  # fmt: skip
+            "_gemv_x", "_chunk_ptr", "_chunk_load", "_x_stage", "_x_smem", "_gemm_subdot")  # fmt: skip
 _PLAIN = {name: globals()[name] for name in _HELPERS}
 if HAS_TRITON:  # compiled kernels resolve these module globals to JITFunctions
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -901,6 +946,10 @@ GEMM_SUBDOT = True
 #: GEMV programs wanted per SM before split-K stops (more programs: more loads in flight,
 #: but more table set-ups and partial sums).
 GEMV_PROGRAMS_PER_SM = 4
+#: GEMV code words bypass L1 (``ld.global.cg``) so that the activations stay cached there.
+GEMV_CACHE_GLOBAL = False
+#: GEMV activations staged once per program in shared memory (fp32) when its K range fits.
+GEMV_X_SMEM = False
 #: Fewest groups per GEMV program for the pair table: its 32 KB set-up costs more than it
 #: saves on shorter K slices (H100: 4096x4096 10.1 us with it, 9.5 without; RESULTS section 5).
 PAIR_MIN_GROUPS = 2
@@ -1227,7 +1276,8 @@ def _fast_run(rec: _Launch, device: torch.device, tensors: tuple) -> None:
 
 
 def _knob_state() -> tuple:
-    return (_ASM_LUT_MODE, _PAIR_LUT, _GEMM_SMEM_LUT, GEMV_PROGRAMS_PER_SM, GEMM_SUBDOT, _gemv_kmajor())
+    return (_ASM_LUT_MODE, _PAIR_LUT, _GEMM_SMEM_LUT, GEMV_PROGRAMS_PER_SM, GEMM_SUBDOT, _gemv_kmajor(),
+            GEMV_CACHE_GLOBAL, GEMV_X_SMEM)  # fmt: skip
 
 
 def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, config, interpret: bool):
@@ -1255,9 +1305,14 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
         meta.update(SPLIT=split > 1, KMAJOR=_gemv_kmajor(), BM=bm)
         if meta["PAIR"] and _cdiv(n_groups, split) < PAIR_MIN_GROUPS:  # set-up not amortised
             meta.update(_table_meta(packed, path, interpret, x2.dtype, pair_ok=False))
-        for name in ("COPIES", "SH0", "BIG", "PAIR", "LMODE"):
+        xs_fits = (bm == 1 and meta["LMODE"] == 2 and x2.dtype == torch.bfloat16
+                   and _cdiv(n_groups, split) * packed.group_size <= X_SMEM_VALUES)  # fmt: skip
+        meta.update(CG=GEMV_CACHE_GLOBAL and not interpret, XS=GEMV_X_SMEM and xs_fits)
+        for name in ("COPIES", "SH0", "BIG", "PAIR", "LMODE", "CG"):
             if name in cfg:  # experiments may force the table variant
                 meta[name] = cfg.pop(name)
+        if "XS" in cfg:  # (only where the K range fits the shared array)
+            meta["XS"] = bool(cfg.pop("XS")) and xs_fits
 
         def grid(a):
             return (_cdiv(n, a["BN"]), m_tiles, split)
