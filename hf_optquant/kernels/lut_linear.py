@@ -949,7 +949,7 @@ GEMV_PROGRAMS_PER_SM = 4
 #: GEMV code words bypass L1 (``ld.global.cg``) so that the activations stay cached there.
 GEMV_CACHE_GLOBAL = False
 #: GEMV activations staged once per program in shared memory (fp32) when its K range fits.
-GEMV_X_SMEM = False
+GEMV_X_SMEM = True
 #: Fewest groups per GEMV program for the pair table: its 32 KB set-up costs more than it
 #: saves on shorter K slices (H100: 4096x4096 10.1 us with it, 9.5 without; RESULTS section 5).
 PAIR_MIN_GROUPS = 2
