@@ -47,6 +47,9 @@ Kernels (``path`` of :func:`lut_linear`)
     range only) is finer than the activations' own; fp32 activations use the fp32 table;
   - otherwise one entry per code; 6- and 8-bit tables are replicated 32 times (one copy
     per bank) for the same reason, smaller tables fit the 32 banks as they are.
+
+  bf16 activations of the program's K range are staged once in a second ``.shared`` array
+  (``XS``, 8 KB; ``GEMV_X_SMEM``) and read with one 8-byte ``ld.shared`` per sub-slot.
 * ``gemm`` -- ``_lut_gemm_kernel``, ``tl.dot`` (wgmma/mma) for larger batches: per K step
   of ``KT = J*C`` codes it dequantises ``lut[code] * scale`` (rounded to the activation
   dtype) and multiplies it with x.  Two K-loop forms, both autotuned: ``SUBDOT`` loads the
