@@ -5,7 +5,8 @@ compiler when called (see ``hf_optquant.kernels.lut_linear._kernels``), so the o
 which test modules import Triton does not matter.  The GPU-only pieces (inline-PTX table
 reads, the shared-memory tables) are exercised by ``benchmarks/kernels.py`` on a GPU; here
 every kernel runs its ``LMODE 0`` twin, which computes the same table offsets (pair bytes
-included) and reads them with ``tl.load``.
+included) and reads them with ``tl.load``; the activations staged in shared memory (``XS``)
+are GPU-only too and read from global memory here.
 """
 
 from __future__ import annotations
@@ -289,6 +290,25 @@ def test_pair_table_rounds_values_to_fp16():
         # fp32 single table serves it, bitwise
         y2 = lut_linear(x, p, path="gemv", split_k=2)
         assert torch.equal(y2, lut_linear(x, p, path="gemv", split_k=2, config=dict(single)))
+
+
+def test_activations_in_shared_memory_only_where_they_fit():
+    """XS (bf16 activations staged in a fixed 8 KB shared array) is chosen for compiled launches
+    of one row of bf16 activations whose K range per program fits; everything else reads x from
+    global memory (XS itself runs only on a GPU: benchmarks/kernels.py checks it there)."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+
+    def xs(k, dtype=torch.bfloat16, m=1, split_k=None):
+        codes, lut, scales = make_weight(4, k, 4, 64, seed=9)
+        p = pack_lut_weight(codes, lut, scales, 4, 64)
+        x = torch.zeros(m, k, dtype=dtype)
+        return LL._prepare("gemv", x, p, split_k, None, False)[5]["XS"]
+
+    assert LL.GEMV_X_SMEM and xs(LL.X_SMEM_VALUES) and xs(1000)
+    assert not xs(LL.X_SMEM_VALUES + 512)  # one program would cover more than the array holds
+    assert xs(LL.X_SMEM_VALUES + 512, split_k=2)  # two K slices do fit
+    assert not xs(1000, torch.float16) and not xs(1000, torch.float32) and not xs(1000, m=2)
 
 
 GEMM_CONFIGS = [

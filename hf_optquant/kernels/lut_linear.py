@@ -138,8 +138,9 @@ class PackedLutWeight:
     ``scales`` has shape ``[N, ceil(K / scale_block)]``; ``scale_block`` equals
     ``block_size`` except for a block size that is not a power of two (other than
     per-channel), whose scales are repeated to the largest power of two dividing it.
-    ``_launch_cache`` holds compiled-kernel launch records for eager calls (not copied by
-    :meth:`to` or :func:`dataclasses.replace`).
+    ``_launch_cache`` holds compiled-kernel launch records for eager calls and facts about the
+    weight that choosing a launch needs (whether the table fits fp16); it is not copied by
+    :meth:`to` or :func:`dataclasses.replace`.
     """
 
     qweight: torch.Tensor  # int32 [N, n_groups * bits * sub_k]
