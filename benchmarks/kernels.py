@@ -373,9 +373,8 @@ GEMV_VARIANTS = {
     "single256a2w8": {"BN": 256, "AHEAD": 2, "num_warps": 8, **SINGLE},
     "pair256a2w8": {"BN": 256, "AHEAD": 2, "num_warps": 8},
     "pair128a2w8r64": {"BN": 128, "AHEAD": 2, "num_warps": 8, "maxnreg": 64},
-    "pair128a2w8cg": {"BN": 128, "AHEAD": 2, "num_warps": 8, "CG": True},  # code words bypass L1
-    "pair128a2w8xs": {"BN": 128, "AHEAD": 2, "num_warps": 8, "XS": True},  # activations in smem
-    "pair128a2w8xscg": {"BN": 128, "AHEAD": 2, "num_warps": 8, "XS": True, "CG": True},
+    "pair128a2w8gx": {"BN": 128, "AHEAD": 2, "num_warps": 8, "XS": False},  # activations from global memory
+    "pair128a2w8xs": {"BN": 128, "AHEAD": 2, "num_warps": 8, "XS": True},  # activations in smem (default)
 }
 SMALLM_VARIANTS = {  # M = 2..16
     "gemv32a1": ("gemv", {"BN": 32, "AHEAD": 1, "num_warps": 4}),
@@ -567,7 +566,7 @@ def sass_report(out_dir):
         meta.update(tm)
         ng, ldw, lds = k // 512, (k // 512) * bits * 16, k // block
         if path == "gemv":
-            meta.update(SPLIT=False, KMAJOR=LL._gemv_kmajor(), BM=1, CG=False, XS=False)
+            meta.update(SPLIT=False, KMAJOR=LL._gemv_kmajor(), BM=1, XS=False)
         else:
             for name in ("COPIES", "PAIR", "BIG"):
                 meta.pop(name)

@@ -485,14 +485,10 @@ def _gemv_x(x_row, kk, row, M, K, EVEN_K: tl.constexpr, ROW_MASK: tl.constexpr):
     return xv.to(tl.float32)
 
 
-def _chunk_load(ptr, mask, CG: tl.constexpr):
-    """A chunk of code words, read once: ``CG`` keeps it out of L1 (``ld.global.cg``), so the
-    activations stay cached there; otherwise it is cached and evicted first."""
-    if CG:
-        w = tl.load(ptr, mask=mask, other=0, cache_modifier=".cg")
-    else:
-        w = tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
-    return w
+def _chunk_load(ptr, mask):
+    """A chunk of code words: read once, so evicted first (bypassing L1 with ``ld.global.cg``
+    measured no faster on the H100, RESULTS section 5)."""
+    return tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
 
 
 def _x_stage(x_row, k_lo, k_hi, K, ST: tl.constexpr):
@@ -532,7 +528,7 @@ def _lut_gemv_kernel(
     SCALE_SHIFT: tl.constexpr, BSG: tl.constexpr, EVEN_K: tl.constexpr,
     LMODE: tl.constexpr, PAIR: tl.constexpr, COPIES: tl.constexpr, SH0: tl.constexpr, BIG: tl.constexpr,
     SPLIT: tl.constexpr, KMAJOR: tl.constexpr, BM: tl.constexpr, AHEAD: tl.constexpr,
-    CG: tl.constexpr, XS: tl.constexpr, BN: tl.constexpr,
+    XS: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     # Tiles are [C, BN] (KMAJOR) or [BN, C]: KMAJOR only changes register layouts (which
     # one a Triton version gives the tiles without a shared-memory shuffle).  Rows of x
@@ -575,16 +571,16 @@ def _lut_gemv_kernel(
 
     # chunk streams (plane A: chunks 0..BITS_A-1 of each group; plane B after them)
     pa, ga = _chunk_ptr(w_tile, g_lo, 0, 0, BITS_A, 0, GW, C)
-    wa = _chunk_load(pa, nm2 & ((zero + ga) < g_hi), CG)
+    wa = _chunk_load(pa, nm2 & ((zero + ga) < g_hi))
     if AHEAD == 2:
         pa, ga = _chunk_ptr(w_tile, g_lo, 0, 1, BITS_A, 0, GW, C)
-        wa1 = _chunk_load(pa, nm2 & ((zero + ga) < g_hi), CG)
+        wa1 = _chunk_load(pa, nm2 & ((zero + ga) < g_hi))
     if BITS_B > 0:
         pb, gb = _chunk_ptr(w_tile, g_lo, 0, 0, BITS_B, BITS_A, GW, C)
-        wb = _chunk_load(pb, nm2 & ((zero + gb) < g_hi), CG)
+        wb = _chunk_load(pb, nm2 & ((zero + gb) < g_hi))
         if AHEAD == 2:
             pb, gb = _chunk_ptr(w_tile, g_lo, 0, 1, BITS_B, BITS_A, GW, C)
-            wb1 = _chunk_load(pb, nm2 & ((zero + gb) < g_hi), CG)
+            wb1 = _chunk_load(pb, nm2 & ((zero + gb) < g_hi))
     else:
         wb = wa
 
@@ -600,11 +596,11 @@ def _lut_gemv_kernel(
             # ---- prefetch: at the start of a chunk, load the one AHEAD chunks further on
             if s % SLOTS_A == 0:
                 pa, ga = _chunk_ptr(w_tile, g, s // SLOTS_A, AHEAD, BITS_A, 0, GW, C)
-                wa_new = _chunk_load(pa, nm2 & ((zero + ga) < g_hi), CG)
+                wa_new = _chunk_load(pa, nm2 & ((zero + ga) < g_hi))
             if BITS_B > 0:
                 if s % SLOTS_B == 0:
                     pb, gb = _chunk_ptr(w_tile, g, s // SLOTS_B, AHEAD, BITS_B, BITS_A, GW, C)
-                    wb_new = _chunk_load(pb, nm2 & ((zero + gb) < g_hi), CG)
+                    wb_new = _chunk_load(pb, nm2 & ((zero + gb) < g_hi))
             # ---- codes of sub-slot s (k = k0 + s*C + t) -> table values v
             if PAIR:  # 4-bit: byte s // 2 of the word holds sub-slots s and s + 1
                 if s % 2 == 0:
@@ -950,8 +946,6 @@ GEMM_SUBDOT = True
 #: GEMV programs wanted per SM before split-K stops (more programs: more loads in flight,
 #: but more table set-ups and partial sums).
 GEMV_PROGRAMS_PER_SM = 4
-#: GEMV code words bypass L1 (``ld.global.cg``) so that the activations stay cached there.
-GEMV_CACHE_GLOBAL = False
 #: GEMV activations staged once per program in shared memory (fp32) when its K range fits.
 GEMV_X_SMEM = True
 #: Fewest groups per GEMV program for the pair table: its 32 KB set-up costs more than it
@@ -1281,7 +1275,7 @@ def _fast_run(rec: _Launch, device: torch.device, tensors: tuple) -> None:
 
 def _knob_state() -> tuple:
     return (_ASM_LUT_MODE, _PAIR_LUT, _GEMM_SMEM_LUT, GEMV_PROGRAMS_PER_SM, GEMM_SUBDOT, _gemv_kmajor(),
-            GEMV_CACHE_GLOBAL, GEMV_X_SMEM)  # fmt: skip
+            GEMV_X_SMEM)  # fmt: skip
 
 
 def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, config, interpret: bool):
@@ -1311,8 +1305,8 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
             meta.update(_table_meta(packed, path, interpret, x2.dtype, pair_ok=False))
         xs_fits = (bm == 1 and meta["LMODE"] == 2 and x2.dtype == torch.bfloat16
                    and _cdiv(n_groups, split) * packed.group_size <= X_SMEM_VALUES)  # fmt: skip
-        meta.update(CG=GEMV_CACHE_GLOBAL and not interpret, XS=GEMV_X_SMEM and xs_fits)
-        for name in ("COPIES", "SH0", "BIG", "PAIR", "LMODE", "CG"):
+        meta.update(XS=GEMV_X_SMEM and xs_fits)
+        for name in ("COPIES", "SH0", "BIG", "PAIR", "LMODE"):
             if name in cfg:  # experiments may force the table variant
                 meta[name] = cfg.pop(name)
         if "XS" in cfg:  # (only where the K range fits the shared array)
