@@ -115,3 +115,25 @@ def test_runtime_weight_holds_codes_not_a_full_precision_copy():
         runtime = layer.runtime_weight(x.device)
         # kernel layout: 4-bit codes + bf16/fp32 scales + 16-entry table; torch path: 1-byte codes
         assert runtime.nbytes < 0.3 * 64 * 512 * 4, (kernels, runtime.nbytes)
+
+
+@pytest.mark.parametrize("fmt,bits", [("nf4", 4.5), ("grid", 3.5)])
+def test_torch_compile_matches_eager(fmt, bits):
+    """``torch.compile`` runs a quantised model (TorchDynamo breaks the graph around each
+    QuantLinear: the runtime weight and the kernels are not traced) with eager's exact logits."""
+    from hf_optquant import OptQuantConfig
+    from hf_optquant.quantize import quantize_model
+    from tiny_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = OptQuantConfig(bits=bits, format=fmt, allocation="uniform", weighted_fit=False)
+    quantize_model(model, config, apply="modules", progress=False)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager")(ids).logits  # first call builds the runtime weights
+        eager = model(ids).logits
+        again = torch.compile(model, backend="eager")(ids).logits
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    torch._dynamo.reset()

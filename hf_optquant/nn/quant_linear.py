@@ -201,6 +201,13 @@ class QuantLinear(nn.Module):
         return self._runtime[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quantised_linear(x)
+
+    # TorchDynamo must not trace this: the runtime weight is built (decoders, numpy, scipy) and
+    # cached on first use, and the Triton kernels keep launch caches of their own. Under
+    # torch.compile the graph breaks around each QuantLinear instead (tests/test_runtime.py).
+    @torch.compiler.disable
+    def _quantised_linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
         if self.cache_weight:
             key = self._cache_key(x.dtype, x.device)
