@@ -121,9 +121,10 @@ def test_runtime_weight_holds_codes_not_a_full_precision_copy():
 def test_torch_compile_matches_eager(fmt, bits):
     """``torch.compile`` runs a quantised model (TorchDynamo breaks the graph around each
     QuantLinear: the runtime weight and the kernels are not traced) with eager's exact logits."""
+    from tiny_models import tiny_llama
+
     from hf_optquant import OptQuantConfig
     from hf_optquant.quantize import quantize_model
-    from tiny_models import tiny_llama
 
     torch.manual_seed(0)
     model = tiny_llama().eval()
