@@ -416,6 +416,14 @@ def _lut_pair(off, lut_ptr, LMODE: tl.constexpr, SH0: tl.constexpr):
     return lo, hi
 
 
+def _smem_array(DECL: tl.constexpr):
+    """Declare the static ``.shared`` array of ``DECL`` (one of the ``_ASM_DECL_*``) in this kernel
+    and return its shared-memory address (a scalar)."""
+    decl = tl.inline_asm_elementwise(DECL, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                                     pack=1)  # fmt: skip
+    return tl.sum(decl, 0)
+
+
 def _lut_table(lut_ptr, zero, LMODE: tl.constexpr, PAIR: tl.constexpr, COPIES: tl.constexpr,
                NENT: tl.constexpr, BIG: tl.constexpr):  # fmt: skip
     """Set up the lookups; return ``base`` (shape of ``zero``) and ``base_hi`` (LMODE 1).
@@ -426,12 +434,9 @@ def _lut_table(lut_ptr, zero, LMODE: tl.constexpr, PAIR: tl.constexpr, COPIES: t
     base_hi = lut_ptr.to(tl.int64) & -4294967296
     if LMODE == 2:
         if BIG:
-            decl = tl.inline_asm_elementwise(_ASM_DECL_BIG, "=r,r", [tl.full([1], 0, tl.int32)],
-                                             dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+            sym = _smem_array(_ASM_DECL_BIG)
         else:
-            decl = tl.inline_asm_elementwise(_ASM_DECL_SMALL, "=r,r", [tl.full([1], 0, tl.int32)],
-                                             dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-        sym = tl.sum(decl, 0)
+            sym = _smem_array(_ASM_DECL_SMALL)
         e = tl.arange(0, NENT)[:, None]  # [NENT, 1]: one table read per entry, not per copy
         c = tl.arange(0, COPIES)[None, :]
         if PAIR:  # (fp16 lo, fp16 hi) in one 32-bit word
@@ -493,9 +498,7 @@ def _chunk_load(ptr, mask):
 
 def _x_stage(x_row, k_lo, k_hi, K, ST: tl.constexpr):
     """Copy bf16 ``x[k_lo:k_hi]`` (zero past K) into the shared array ``hfoq_x_smem``."""
-    decl = tl.inline_asm_elementwise(_ASM_DECL_X, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32,
-                                     is_pure=False, pack=1)  # fmt: skip
-    sym = tl.sum(decl, 0)
+    sym = _smem_array(_ASM_DECL_X)
     offs = tl.arange(0, ST)
     for i in range(k_lo, k_hi, ST):
         kk = i + offs
@@ -905,7 +908,7 @@ def _lut_dequant_kernel(
                      mask=n_mask[:, None] & (k < K)[None, :])  # fmt: skip
 
 
-_HELPERS = ("_code_offset", "_var_offset", "_plane_offsets", "_lut_value", "_lut_pair", "_lut_table",
+_HELPERS = ("_code_offset", "_var_offset", "_plane_offsets", "_lut_value", "_lut_pair", "_smem_array", "_lut_table",
             "_gemv_x", "_chunk_ptr", "_chunk_load", "_x_stage", "_x_smem", "_gemm_subdot")  # fmt: skip
 _PLAIN = {name: globals()[name] for name in _HELPERS}
 if HAS_TRITON:  # compiled kernels resolve these module globals to JITFunctions
@@ -1283,7 +1286,6 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
     m, k, n = x2.shape[0], packed.in_features, packed.out_features
     ks, tuned = _kernels(interpret, autotune_enabled())
     meta = _format_meta(packed, k)
-    meta.update(_table_meta(packed, path, interpret, x2.dtype))
     n_groups = packed.n_groups
     if config is not None:  # a forced config bypasses the autotuner (it refuses tuned names as arguments)
         cfg, tuned = dict(config), False
@@ -1300,11 +1302,12 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
         split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device, GEMV_PROGRAMS_PER_SM)
         split = max(1, min(split, n_groups))
         n_cnt = m_tiles * _cdiv(n, _MIN_BN_GEMV)
+        per_program = _cdiv(n_groups, split)  # groups of K each program covers
         meta.update(SPLIT=split > 1, KMAJOR=_gemv_kmajor(), BM=bm)
-        if meta["PAIR"] and _cdiv(n_groups, split) < PAIR_MIN_GROUPS:  # set-up not amortised
-            meta.update(_table_meta(packed, path, interpret, x2.dtype, pair_ok=False))
+        # (the pair table's set-up is not amortised over fewer than PAIR_MIN_GROUPS groups)
+        meta.update(_table_meta(packed, path, interpret, x2.dtype, pair_ok=per_program >= PAIR_MIN_GROUPS))
         xs_fits = (bm == 1 and meta["LMODE"] == 2 and x2.dtype == torch.bfloat16
-                   and _cdiv(n_groups, split) * packed.group_size <= X_SMEM_VALUES)  # fmt: skip
+                   and per_program * packed.group_size <= X_SMEM_VALUES)  # fmt: skip
         meta.update(XS=GEMV_X_SMEM and xs_fits)
         for name in ("COPIES", "SH0", "BIG", "PAIR", "LMODE"):
             if name in cfg:  # experiments may force the table variant
@@ -1316,8 +1319,8 @@ def _prepare(path: str, x2: torch.Tensor, packed: PackedLutWeight, split_k, conf
             return (_cdiv(n, a["BN"]), m_tiles, split)
 
     else:
-        for name in ("COPIES", "PAIR", "BIG"):
-            meta.pop(name)
+        tmeta = _table_meta(packed, path, interpret, x2.dtype)
+        meta.update(LMODE=tmeta["LMODE"], SH0=tmeta["SH0"])
         m_tiles = _cdiv(m, 16 if m <= 16 else 64)
         split = split_k or _choose_split(m_tiles * _cdiv(n, 64), n_groups, x2.device)
         split = max(1, min(split, n_groups * 8))  # (an empty slice adds a zero partial)
