@@ -181,6 +181,9 @@ def check_tinygemm_layout(device):
 # ----------------------------------------------------------------------------- checks
 
 
+SINGLE = {"PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}  # one 16-entry table, no pair lookups
+
+
 def correctness_small(device, report, full=True):
     """Odd shapes, every bits, every path, split-K, on the GPU (default configs, not
     tuned: few compilations); every call twice (the second through the cached direct
@@ -204,8 +207,7 @@ def correctness_small(device, report, full=True):
     cases += [
         (4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 32, "AHEAD": 2, "num_warps": 4}),
         (4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 128, "AHEAD": 1, "num_warps": 8}),
-        (4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 64, "AHEAD": 1, "num_warps": 4,
-                                                            "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}),
+        (4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 64, "AHEAD": 1, "num_warps": 4, **SINGLE}),
         (8, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {"BN": 64, "AHEAD": 1, "num_warps": 4,
                                                             "COPIES": 1, "SH0": 2, "BIG": False}),
         (4, 300, 1100, 32, 17, torch.bfloat16, "gemm", None, {"BM": 16, "BN": 64, "J": 4, "num_warps": 4,
@@ -221,7 +223,7 @@ def correctness_small(device, report, full=True):
             cases.append((bits, 129, 4096, 128, m, torch.bfloat16, None, None, None))
     if not SMOKE:  # inline PTX: GPU only
         cases.append((4, 300, 1100, 32, 1, torch.bfloat16, "gemv", None, {
-            "BN": 64, "AHEAD": 1, "num_warps": 4, "LMODE": 1, "PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}))
+            "BN": 64, "AHEAD": 1, "num_warps": 4, "LMODE": 1, **SINGLE}))
     weights = {}
     try:
         for bits, n, k, block, m, dtype, path, split, cfg in cases:
@@ -359,7 +361,6 @@ def auto_path(m):
 # ----------------------------------------------------------------------------- explore
 
 
-SINGLE = {"PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False}  # one 16-entry table, no pair lookups
 GEMV_VARIANTS = {
     "pair64a1": {"BN": 64, "AHEAD": 1, "num_warps": 4},
     "pair64a2": {"BN": 64, "AHEAD": 2, "num_warps": 4},
@@ -507,7 +508,7 @@ SASS_VARIANTS = [  # (label, path, bits, block, M, format/table overrides, confi
     ("gemv pair BN=64 ahead 2", "gemv", 4, 128, 1, {}, {"BN": 64, "AHEAD": 2}, 4, 1),
     ("gemv pair BN=128", "gemv", 4, 128, 1, {}, {"BN": 128, "AHEAD": 1}, 4, 1),
     ("gemv pair BN=128 w8", "gemv", 4, 128, 1, {}, {"BN": 128, "AHEAD": 2}, 8, 1),
-    ("gemv single BN=64", "gemv", 4, 128, 1, {"PAIR": False, "COPIES": 1, "SH0": 2, "BIG": False},
+    ("gemv single BN=64", "gemv", 4, 128, 1, SINGLE,
      {"BN": 64, "AHEAD": 1}, 4, 1),
     ("gemv 3-bit BN=64", "gemv", 3, 128, 1, {}, {"BN": 64, "AHEAD": 1}, 4, 1),
     ("gemv 8-bit BN=64 (32 copies)", "gemv", 8, 128, 1, {}, {"BN": 64, "AHEAD": 1}, 4, 1),
