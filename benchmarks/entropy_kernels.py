@@ -22,6 +22,7 @@ Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/entropy_kernels.py 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hf_optquant.coding import CodedStream, decode_symbols  # noqa: E402
 from hf_optquant.coding.stream import encode_tensors  # noqa: E402
 from hf_optquant.kernels import grid_linear as G  # noqa: E402
+from hf_optquant.kernels import prefix_linear as PL  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (128256, 4096)]  # N x K (out x in)
 L2_BYTES = 50 << 20
@@ -191,6 +193,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+def check_prefix(enc: dict, seg: int, device, gen, checks: list) -> None:
+    """Prefix-code layout: GPU encoder == CPU encoder, dense decode bit-exact, GEMV vs float64."""
+    idx, (n, k) = enc["idx"], enc["idx"].shape
+    pp = PL.pack_prefix_weight(idx, enc["scales"], enc["step"], torch.bfloat16, device, chunk_size=seg)
+    pc = PL.pack_prefix_weight(idx.cpu(), enc["scales"].cpu(), enc["step"], torch.bfloat16, "cpu", chunk_size=seg)
+    assert torch.equal(pp.words.cpu(), pc.words) and torch.equal(pp.last.cpu(), pc.last), "GPU != CPU prefix encoder"
+    w_ref = (idx.double() * enc["step"]).float() * enc["scales"].float().reshape(-1, 1)
+    assert torch.equal(PL.decode_prefix_weight(pp, torch.float32), w_ref), "prefix dense decode not bit-exact"
+    for m in (1, 3, 6):
+        x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ w_ref.double().T
+        for path in ("gemv", "dense"):
+            err = float((PL.prefix_linear(x, pp, path=path).double() - ref).norm() / ref.norm())
+            assert err < 1e-2, f"prefix {path} m={m}: rel err {err}"
+            checks.append(dict(check=f"prefix {path}", shape=[n, k], m=m, rel=err))
+    log("prefix ok", n, k, seg, f"{8 * pp.nbytes / (n * k):.3f} b/p on the GPU")
+
+
 def check_correctness(device, gen, results: dict, quick: bool = False) -> None:
     """Kernel vs independent references on odd and real shapes; raises on any failure."""
     checks = []
@@ -201,6 +221,7 @@ def check_correctness(device, gen, results: dict, quick: bool = False) -> None:
         enc = encode_grid(w, bits, seg, crc=True)
         assert enc["tensors"]["header"][3] == k  # row_length: the GPU layout
         packed = pack(enc, device)
+        check_prefix(enc, seg, device, gen, checks)
         stream = CodedStream({kk: v.cpu() for kk, v in enc["tensors"].items()})
         cpu_idx = decode_symbols(stream).reshape(n, k)  # the stored format's own CPU decoder
         assert torch.equal(cpu_idx, enc["idx"].cpu().long()), "CPU decoder != encoder input"
@@ -264,7 +285,36 @@ def lut4_packed(n: int, k: int, device, gen, block: int = 64):
                            out_features=n, in_features=k, bits=4, block_size=block, scale_block=block)
 
 
-def time_layer(n: int, k: int, bits: float, seg: int, device, gen, bs: tuple, do_base: bool, res: dict) -> dict:
+def time_prefix(enc: dict, seg: int, device, gen, bs: tuple, row: dict) -> None:
+    """The prefix-code layout of the same indices: GPU-resident bits, checks, GEMV / decode times."""
+    idx, n, k = enc["idx"], *enc["idx"].shape
+    tag = f"prefix{seg}"
+    t0 = time.time()
+    pp = PL.pack_prefix_weight(idx, enc["scales"], enc["step"], torch.bfloat16, device, chunk_size=seg)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    row[f"{tag}_pack_s"] = round(time.time() - t0, 2)
+    row[f"{tag}_bits"] = round(8 * (pp.nbytes - 2 * n) / (n * k), 4)  # scales counted as bf16, like the stored form
+    w_ref = (idx.double() * enc["step"]).float() * enc["scales"].float().reshape(-1, 1)
+    row[f"{tag}_dense_exact"] = bool(torch.equal(PL.decode_prefix_weight(pp, torch.float32), w_ref))
+    for m in sorted({1, max(bs)} & {1, 4}):
+        x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ w_ref.double().T
+        y = PL.prefix_linear(x, pp, path="gemv").double()
+        row[f"{tag}_gemv_rel_m{m}"] = float((y - ref).norm() / ref.norm())
+    del w_ref
+    ncopy = copies_for(pp.nbytes)
+    ps = [pp] + [dataclasses.replace(pp, **{kk: v.clone() for kk, v in pp._tensors().items()})
+                 for _ in range(ncopy - 1)]  # fmt: skip
+    for m in bs:
+        x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
+        row[f"{tag}_us_m{m}"] = graph_time_us([lambda p=p, x=x: PL.prefix_linear(x, p) for p in ps])
+    dense = torch.empty((n, k), dtype=torch.bfloat16, device=device)
+    row[f"{tag}_decode_us"] = graph_time_us([lambda p=p, o=dense: PL._launch(p, PL.MODE_DENSE, o) for p in ps])
+    del ps, dense
+
+
+def time_layer(n: int, k: int, bits: float, seg: int, device, gen, bs: tuple, do_base: bool, res: dict,
+               prefix_segs: tuple = (), rans: bool = True) -> dict:  # fmt: skip
     w = student_t((n, k), device, gen)
     t_enc = time.time()
     enc = encode_grid(w, bits, seg)
@@ -273,22 +323,29 @@ def time_layer(n: int, k: int, bits: float, seg: int, device, gen, bs: tuple, do
     del w
     nb = packed.nbytes
     ncopy = copies_for(nb)
-    ps = [packed] + [clone_packed(packed) for _ in range(ncopy - 1)]
+    ps = [packed] + [clone_packed(packed) for _ in range(ncopy - 1)] if rans else []
     row = dict(shape=[n, k], bits=round(enc["bits"], 4), seg=seg, lanes=packed.states.numel(),
                escapes=packed.num_escapes, packed_bytes=nb, encode_s=round(t_enc, 2), copies=ncopy)  # fmt: skip
-    for m in bs:
+    for pseg in prefix_segs:
+        try:
+            time_prefix(enc, pseg, device, gen, bs, row)
+        except Exception as exc:
+            row[f"prefix{pseg}_error"] = repr(exc)[:400]
+            log("prefix error", repr(exc)[:400])
+    for m in bs if rans else ():
         x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
         path = "gemv" if m <= G.GEMV_MAX_M else "dense"
         row[f"grid_us_m{m}"] = graph_time_us([lambda p=p, x=x, path=path: G.grid_linear(x, p, path=path) for p in ps])
         if m <= G.GEMV_MAX_M and m > 1:
             row[f"grid_dense_us_m{m}"] = graph_time_us(
                 [lambda p=p, x=x: G.grid_linear(x, p, path="dense") for p in ps])
-    dense = torch.empty((n, k), dtype=torch.bfloat16, device=device)
-    row["decode_us"] = graph_time_us([lambda p=p, o=dense: G._launch(p, G.MODE_DENSE, o) for p in ps])
-    row["decode_out_GBs"] = 2 * n * k / (row["decode_us"] * 1e-6) / 1e9
-    row["decode_in_GBs"] = nb / (row["decode_us"] * 1e-6) / 1e9
-    row["gemv_in_GBs"] = nb / (row["grid_us_m1"] * 1e-6) / 1e9
-    del ps, dense
+    if rans:
+        dense = torch.empty((n, k), dtype=torch.bfloat16, device=device)
+        row["decode_us"] = graph_time_us([lambda p=p, o=dense: G._launch(p, G.MODE_DENSE, o) for p in ps])
+        row["decode_out_GBs"] = 2 * n * k / (row["decode_us"] * 1e-6) / 1e9
+        row["decode_in_GBs"] = nb / (row["decode_us"] * 1e-6) / 1e9
+        row["gemv_in_GBs"] = nb / (row["grid_us_m1"] * 1e-6) / 1e9
+        del ps, dense
     if do_base:
         wb = torch.randn((n, k), device=device, generator=gen).to(torch.bfloat16)
         nbf = copies_for(2 * n * k)
@@ -340,6 +397,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="segment sweep on 4096x4096 and 14336x4096")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--prefix-segs", type=int, nargs="*", default=[512],
+                    help="lane lengths of the prefix-code layout to time beside rANS (none: skip it)")
+    ap.add_argument("--no-rans", action="store_true", help="time only the prefix-code layout (and baselines)")
     ap.add_argument("--budget", type=float, default=330.0, help="stop timing new configs after this many s")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -382,10 +442,23 @@ def main() -> None:
                     log("time budget reached: skipping", n, k, bits, rule)
                     continue
                 seg = segment_for(n, k, rule)
-                res["layers"].append(time_layer(n, k, bits, seg, device, gen, bs, True, res))
+                res["layers"].append(time_layer(n, k, bits, seg, device, gen, bs, True, res,
+                                                tuple(args.prefix_segs), not args.no_rans))
                 save()
     print("\n### Per-layer times (CUDA graphs, median; bf16 activations)\n")
-    print(table(res["layers"], bs))
+    if not args.no_rans:
+        print(table(res["layers"], bs))
+    print("\n### Prefix-code layout (same indices), times in us\n")
+    for r in res["layers"]:
+        for ps_ in args.prefix_segs:
+            t = f"prefix{ps_}"
+            nan = float("nan")
+            times = " ".join(f"m{m}: {r.get(f'{t}_us_m{m}', nan):.1f} (bf16 {r.get(f'bf16_us_m{m}', nan):.1f}, "
+                             f"lut4 {r.get(f'lut4_us_m{m}', nan):.1f}, rans {r.get(f'grid_us_m{m}', nan):.1f})"
+                             for m in bs)  # fmt: skip
+            print(r["shape"], f"stored {r['bits']:.3f} b/p", f"S={ps_}", f"gpu {r.get(t + '_bits', '-')} b/p", times,
+                  f"decode {r.get(t + '_decode_us', nan):.1f}", f"exact {r.get(t + '_dense_exact')}",
+                  f"rel {r.get(t + '_gemv_rel_m1', nan):.1e}", r.get(t + "_error", ""))
     if res.get("sweep"):
         print("\n### Segment sweep (3.5 b/p, batch 1)\n")
         for r in res["sweep"]:

@@ -31,10 +31,11 @@ The lanes of a 32-row block (one GPU program) run ``iters`` loop iterations (the
 any of its lanes, halved, rounded up); a lane that has decoded its symbols keeps stepping on
 zeros and its extra symbols fall beyond its columns, where the decoders ignore them.
 
-Table entry (int32): ``len | n << 5 | b0 << 8 | b1 << 16 | b2 << 24`` where ``len`` is the bits
-the lookup consumes (1..12), ``n`` its number of symbols (1..3) and ``b_j`` symbol ``j``'s
-*value byte*, given by the caller (the GPU kernels use ``value + 128``, 0 for escapes); absent
-symbols have byte 128 (value 0). A window that starts no valid code (only possible for corrupt
+Table entry (int32): ``b0 | b1 << 8 | b2 << 16 | len << 24 | n << 30`` where ``b_j`` is symbol
+``j``'s *value byte*, given by the caller (the GPU kernels use ``value + 128``, 0 for escapes;
+absent symbols have byte 128, value 0), ``len`` the bits the lookup consumes (1..12) and ``n`` its
+number of symbols (1..3): a GPU shifts its bit buffer by ``e >> 24`` with wrap-around (mod 32)
+funnel shifts and advances its column by ``e >> 30``, one instruction each. A window that starts no valid code (only possible for corrupt
 data or a one-symbol code) decodes as one symbol 0 of length 12.
 """
 
@@ -114,7 +115,7 @@ def lookup_table(code: PrefixCode, value_bytes: np.ndarray) -> LookupTable:
     total[bad], used[bad] = WINDOW_BITS, 1
     bytes_ = np.asarray(value_bytes, dtype=np.int64) & 255
     b = np.where(np.arange(PER_LOOKUP)[None, :] < used[:, None], bytes_[syms] if bytes_.size else 0, ABSENT_BYTE)
-    entry = total | (used << 5) | (b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)
+    entry = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (total << 24) | (used << 30)
     entry = np.where(entry >= 1 << 31, entry - (1 << 32), entry).astype(np.int32)
     return LookupTable(entry, syms, used, total)
 

@@ -12,9 +12,9 @@ one GPU warp). A program decodes one 32-row block with one warp per segment. Per
     check:   need = nb <= 32 and c <= last;  req = need and c < last
              rank, cnt = ballot(req);  B |= need ? pf << (32 - nb) : 0;  nb += need ? 32 : 0
              pf = req ? words[base + rank] : pf;  base += cnt
-    lookup:  e = table[B >> 52];  B <<= e & 31;  nb -= e & 31
-             v_j = byte_{j+1}(e) - 128 (j < 3, absent symbols have value 0)
-             acc += v_j * x[k0 + col + j];  col += (e >> 5) & 3
+    lookup:  e = table[B >> 52];  B <<= len(e);  nb -= len(e)
+             v_j = byte_j(e) - 128 (j < 3, absent symbols have value 0)
+             acc += v_j * x[k0 + col + j];  col += n(e)
 
 (two lookups per check). The main loop runs while no lane of the block can emit past its end (no
 masks); a tail loop masks symbols past each lane's end. Escaped weights decode to the placeholder
@@ -39,9 +39,9 @@ from ..coding.huffman import canonical_codes
 from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, Geometry, gpu_segment
 from ..coding.prefix import (
     LOOKUPS_PER_CHECK,
-    NO_READ,
     LookupTable,
     PrefixCode,
+    PrefixLanes,
     decode_prefix_lanes,
     encode_prefix_lanes,
     lookup_table,
@@ -71,7 +71,7 @@ class PackedPrefixWeight:
     value_bytes: torch.Tensor  # int16 [A]: value + 128 per alphabet index (0 = escape bucket)
     words: torch.Tensor  # int32 [words + pad]: 32-bit words in load order
     gstart: torch.Tensor  # int32 [groups + 1]
-    last: torch.Tensor  # int32 [lanes]: check of the lane's last read (NO_READ: none)
+    last: torch.Tensor  # int16 [lanes]: check of the lane's last read (-2: none)
     iters: torch.Tensor  # int32 [row_blocks, 2]: (loop iterations, unmasked iterations)
     scales: torch.Tensor  # float32 [N] or [1]
     vals: torch.Tensor  # float32 [256]: float32(v * step) for v = -128..127 (dense mode, bit-exact)
@@ -155,7 +155,7 @@ def pack_prefix_weight(
     else:
         mapped = values
         vbytes = np.zeros(1, np.int64)
-    lanes = encode_prefix_lanes(mapped, code, geometry)
+    lanes = _encode_in_chunks(mapped.view(rows, cols), code, seg)
     lut = lookup_table(code, vbytes)
     gstart = torch.cat([torch.zeros(1, dtype=torch.int64, device=values.device), torch.cumsum(lanes.group_words, 0)])
     words = lanes.words
@@ -170,7 +170,7 @@ def pack_prefix_weight(
     return PackedPrefixWeight(
         table=torch.from_numpy(lut.entries), code_lengths=i32(code.lengths).to(torch.int16),
         value_bytes=i32(vbytes).to(torch.int16), words=words, gstart=gstart.to(torch.int32),
-        last=lanes.last.to(torch.int32), iters=iters, scales=scales.float().reshape(-1).contiguous(),
+        last=lanes.last.to(torch.int16), iters=iters, scales=scales.float().reshape(-1).contiguous(),
         vals=(torch.arange(-128, 128, dtype=torch.float64) * float(step)).float(),
         esc_off=off.to(torch.int32), esc_row=esc_row.to(torch.int32), esc_col=esc_col.to(torch.int32),
         esc_val=values[pos], out_features=rows, in_features=cols, seg=seg, segments=geometry.segments,
@@ -178,15 +178,31 @@ def pack_prefix_weight(
     ).to(device)  # fmt: skip
 
 
+_CHUNK_SYMBOLS = 1 << 24
+
+
+def _encode_in_chunks(mapped: torch.Tensor, code: PrefixCode, seg: int) -> PrefixLanes:
+    """Encode blocks of rows separately (groups never span row blocks), bounding the encoder's memory."""
+    rows, cols = mapped.shape
+    step = max(GROUP_LANES, _CHUNK_SYMBOLS // max(cols, 1) // GROUP_LANES * GROUP_LANES)
+    parts = [encode_prefix_lanes(mapped[r : r + step].reshape(-1), code,
+                                 Geometry(min(step, rows - r) * cols, max(cols, 1), seg))
+             for r in range(0, max(rows, 1), step)]  # fmt: skip
+    if len(parts) == 1:
+        return parts[0]
+    return PrefixLanes(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(PrefixLanes)))
+
+
 def _block_iters(lookups: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """Per 32-row block: loop iterations (most lookups of its lanes, halved) and unmasked ones (no
-    lane of the block emits past its end within them: ``2 * it <= lookups - 1`` for every real lane)."""
+    """Per 32-row block: loop iterations (most lookups of its lanes, halved) and unmasked ones: no
+    lane of the block reads an activation past its segment within them, i.e. they end at least two
+    lookups before every real lane's last (``2 * it <= lookups - 2``)."""
     per = lookups.view(geometry.row_blocks, -1)
     real = torch.as_tensor(geometry.lane_lengths(), device=lookups.device).view(geometry.row_blocks, -1) > 0
     most = (per.amax(1) + LOOKUPS_PER_CHECK - 1) // LOOKUPS_PER_CHECK
     big = torch.iinfo(torch.int64).max
     least = torch.where(real, per, big).amin(1)
-    safe = torch.where(least == big, 0, (least - 1).clamp_min(0) // LOOKUPS_PER_CHECK)
+    safe = torch.where(least == big, 0, (least - 2).clamp_min(0) // LOOKUPS_PER_CHECK)
     return torch.stack([most, safe], 1).to(torch.int32).contiguous()
 
 
@@ -222,12 +238,31 @@ _CHECK_ASM = (
     " add.u32 $3, $7, c; }"
 )
 """One check: outputs (B, nb, pf, base); inputs B, nb, pf, base, c, last, lanemask_lt, words, last_word."""
+if HAS_TRITON:
+    _CHECK_ASM = tl.constexpr(_CHECK_ASM)
 
 _VALUES_ASM = (
     "{ .reg .b32 k; mov.b32 k, 0x4B000000;"
-    " prmt.b32 $0, $3, k, 0x7651; prmt.b32 $1, $3, k, 0x7652; prmt.b32 $2, $3, k, 0x7653; }"
+    " prmt.b32 $0, $3, k, 0x7650; prmt.b32 $1, $3, k, 0x7651; prmt.b32 $2, $3, k, 0x7652; }"
 )
 """The three value bytes of an entry as floats 2**23 + byte (one PRMT each)."""
+_SHIFT_ASM = (
+    "{ .reg .b32 lo, hi, s; mov.b64 {lo, hi}, $1; shr.u32 s, $2, 24;"
+    " shf.l.wrap.b32 hi, lo, hi, s; shf.l.wrap.b32 lo, 0, lo, s; mov.b64 $0, {lo, hi}; }"
+)
+"""``B << len`` with len = (e >> 24) mod 32: two wrap-around funnel shifts, no masking."""
+if HAS_TRITON:
+    _SHIFT_ASM = tl.constexpr(_SHIFT_ASM)
+_X3_ASM = (
+    "{ .reg .pred p; setp.ne.b32 p, $4, 0;"
+    " @p ld.global.nc.u16 $0, [$3]; @p ld.global.nc.u16 $1, [$3+2]; @p ld.global.nc.u16 $2, [$3+4];"
+    " shl.b32 $0, $0, 16; shl.b32 $1, $1, 16; shl.b32 $2, $2, 16; }"
+)
+"""Three consecutive bf16 activations as fp32 bit patterns, loaded only where the lane is real."""
+if HAS_TRITON:
+    _X3_ASM = tl.constexpr(_X3_ASM)
+if HAS_TRITON:
+    _VALUES_ASM = tl.constexpr(_VALUES_ASM)
 
 
 def _prefix_kernel(
@@ -235,7 +270,7 @@ def _prefix_kernel(
     esc_off_ptr, esc_row_ptr, esc_col_ptr, esc_val_ptr,
     M, N, K, S, P, last_word, stride_xm, stride_om, step,
     W: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, ROW_SCALE: tl.constexpr, ASM: tl.constexpr,
-    HAS_ESC: tl.constexpr, OBF16: tl.constexpr,
+    HAS_ESC: tl.constexpr, OBF16: tl.constexpr, XBF16: tl.constexpr,
 ):  # fmt: skip
     LANES: tl.constexpr = 32 * W
     rb = tl.program_id(0)
@@ -260,10 +295,10 @@ def _prefix_kernel(
             [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
         )  # fmt: skip
         tbase = tl.sum(decl, 0)
-        for j in range(0, 4096 // LANES):
-            tv = tl.load(table_ptr + j * LANES + i)
+        for jt in range(0, 4096 // LANES):
+            tv = tl.load(table_ptr + jt * LANES + i)
             tl.inline_asm_elementwise(
-                "st.shared.u32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [tbase + (j * LANES + i) * 4, tv],
+                "st.shared.u32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [tbase + (jt * LANES + i) * 4, tv],
                 dtype=tl.int32, is_pure=False, pack=1,
             )  # fmt: skip
         tl.debug_barrier()
@@ -335,7 +370,7 @@ def _prefix_kernel(
                 pf = tl.where(req, nw.to(tl.uint32, bitcast=True), pf)
                 base += cnt
             if PHASE > 0:
-                for u in tl.static_range(2):  # LOOKUPS_PER_CHECK
+                for _u in tl.static_range(2):  # LOOKUPS_PER_CHECK
                     w = (buf >> 52).to(tl.int32)
                     if ASM:
                         e = tl.inline_asm_elementwise(
@@ -343,17 +378,26 @@ def _prefix_kernel(
                         )  # fmt: skip
                     else:
                         e = tl.load(table_ptr + w)
-                    ln = e & 31
-                    buf = buf << ln.to(tl.uint64)
-                    nb -= ln
+                    ue = e.to(tl.uint32, bitcast=True)
+                    ln = ((ue >> 24) & 31).to(tl.int32)
                     if ASM:
+                        buf = tl.inline_asm_elementwise(_SHIFT_ASM, "=l,l,r", [buf, e], dtype=tl.uint64, is_pure=True,
+                                                        pack=1)  # fmt: skip
                         f0, f1, f2 = tl.inline_asm_elementwise(
                             _VALUES_ASM, "=r,=r,=r,r", [e], dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
                         )  # fmt: skip
                     else:
-                        f0 = ((e >> 8) & 255) | 0x4B000000
-                        f1 = ((e >> 16) & 255) | 0x4B000000
-                        f2 = ((e >> 24) & 255) | 0x4B000000
+                        buf = buf << ln.to(tl.uint64)
+                        f0 = (e & 255) | 0x4B000000
+                        f1 = ((e >> 8) & 255) | 0x4B000000
+                        f2 = ((e >> 16) & 255) | 0x4B000000
+                    nb -= ln
+                    xp = xrow + col
+                    if ASM and XBF16 and PHASE == 1:  # no zero fill: masked (idle) lanes are discarded
+                        x0, x1, x2 = tl.inline_asm_elementwise(
+                            _X3_ASM, "=r,=r,=r,l,r", [xp, act.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32),
+                            is_pure=True, pack=1,
+                        )  # fmt: skip
                     for j in tl.static_range(3):
                         if j == 0:
                             v = f0.to(tl.float32, bitcast=True) - 8388736.0  # _VALUE_OFFSET
@@ -366,14 +410,23 @@ def _prefix_kernel(
                             ok = act & (kk < seglen)
                         else:
                             ok = act
-                        if MODE == 0:
-                            acc0 += v * tl.load(xrow + kk, mask=ok, other=0.0).to(tl.float32)
+                        if MODE == 0:  # (phase 1: masked lanes are discarded in the epilogue, no zero fill)
+                            if ASM and XBF16 and PHASE == 1:
+                                if j == 0:
+                                    xv = x0.to(tl.float32, bitcast=True)
+                                elif j == 1:
+                                    xv = x1.to(tl.float32, bitcast=True)
+                                else:
+                                    xv = x2.to(tl.float32, bitcast=True)
+                            else:
+                                xv = tl.load(xp + j, mask=ok, other=0.0).to(tl.float32)
+                            acc0 += v * xv
                             if BM > 1:
-                                acc1 += v * tl.load(xrow + stride_xm + kk, mask=ok & mk1, other=0.0).to(tl.float32)
+                                acc1 += v * tl.load(xp + stride_xm + j, mask=ok & mk1, other=0.0).to(tl.float32)
                             if BM > 2:
-                                acc2 += v * tl.load(xrow + 2 * stride_xm + kk, mask=ok & mk2, other=0.0).to(tl.float32)
+                                acc2 += v * tl.load(xp + 2 * stride_xm + j, mask=ok & mk2, other=0.0).to(tl.float32)
                             if BM > 3:
-                                acc3 += v * tl.load(xrow + 3 * stride_xm + kk, mask=ok & mk3, other=0.0).to(tl.float32)
+                                acc3 += v * tl.load(xp + 3 * stride_xm + j, mask=ok & mk3, other=0.0).to(tl.float32)
                         else:
                             if j == 0:
                                 vb = f0 & 255
@@ -384,11 +437,11 @@ def _prefix_kernel(
                             wv = tl.load(vals_ptr + vb) * rscale
                             if OBF16:  # round to nearest even by hand (the interpreter's cast truncates)
                                 ub = wv.to(tl.uint32, bitcast=True)
-                                hb = (ub + 0x7FFF + ((ub >> 16) & 1)) >> 16
-                                tl.store(orow + kk, hb.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=ok & (kk < seglen))
+                                hb = ((ub + 0x7FFF + ((ub >> 16) & 1)) >> 16).to(tl.uint16)
+                                tl.store(orow + kk, hb.to(tl.bfloat16, bitcast=True), mask=ok & (kk < seglen))
                             else:
                                 tl.store(orow + kk, wv.to(out_ptr.dtype.element_ty), mask=ok & (kk < seglen))
-                    col += (e >> 5) & 3
+                    col += (ue >> 30).to(tl.int32)
 
     # ---- GEMV epilogue: sum the warps of each row, add the escape corrections, scale
     if MODE == 0:
@@ -453,6 +506,7 @@ def _launch(packed: PackedPrefixWeight, mode: int, out: torch.Tensor, x: torch.T
         xt.stride(0) if x is not None else 0, out.stride(0), packed.step,
         W=w, MODE=mode, BM=bm, ROW_SCALE=packed.scales.numel() > 1, ASM=ASM and not interpret,
         HAS_ESC=packed.num_escapes > 0, OBF16=mode == MODE_DENSE and out.dtype == torch.bfloat16,
+        XBF16=x is not None and x.dtype == torch.bfloat16,
         num_warps=w, num_stages=1,
     )  # fmt: skip
 
