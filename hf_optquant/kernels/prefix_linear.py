@@ -284,7 +284,7 @@ def _prefix_kernel(
     act = seg_ok & (row < N)
     k0 = tl.where(seg_ok, seg * S, 0)
     seglen = tl.where(act, tl.minimum(K - k0, S), 0)
-    last = tl.load(last_ptr + g * 32 + lane, mask=act, other=-2)
+    last = tl.load(last_ptr + g * 32 + lane, mask=act, other=-2).to(tl.int32)  # int16 in memory
     base = tl.load(gstart_ptr + g, mask=seg_ok, other=0)
     n_iter = tl.load(iters_ptr + 2 * rb)
     n_safe = tl.load(iters_ptr + 2 * rb + 1)
