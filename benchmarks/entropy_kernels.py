@@ -200,7 +200,14 @@ def check_prefix(enc: dict, seg: int, device, gen, checks: list) -> None:
     pc = PL.pack_prefix_weight(idx.cpu(), enc["scales"].cpu(), enc["step"], torch.bfloat16, "cpu", chunk_size=seg)
     assert torch.equal(pp.words.cpu(), pc.words) and torch.equal(pp.last.cpu(), pc.last), "GPU != CPU prefix encoder"
     w_ref = (idx.double() * enc["step"]).float() * enc["scales"].float().reshape(-1, 1)
-    assert torch.equal(PL.decode_prefix_weight(pp, torch.float32), w_ref), "prefix dense decode not bit-exact"
+    dw = PL.decode_prefix_weight(pp, torch.float32)
+    if not torch.equal(dw, w_ref):
+        bad = torch.nonzero(dw != w_ref)
+        PL.ASM = False  # is it the inline PTX?
+        portable = torch.equal(PL.decode_prefix_weight(pp, torch.float32), w_ref)
+        PL.ASM = True
+        raise AssertionError(f"prefix dense decode not bit-exact: {bad.shape[0]} entries, first {bad[:5].tolist()}, "
+                             f"portable kernel exact: {portable}")
     for m in (1, 3, 6):
         x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
         ref = x.double() @ w_ref.double().T
