@@ -12,20 +12,22 @@ their total length. At 3.5 b/sym a lookup yields ~2.8 symbols.
 Layout. Lanes and groups as in :class:`~hf_optquant.coding.layout.Geometry` (a lane is one row
 segment; a group is 32 lanes = one warp). A lane's codes are concatenated MSB-first and cut into
 32-bit words. Its decoder keeps a 64-bit bit buffer ``B`` (the next ``nb`` bits, left-aligned)
-and a prefetched word ``pf``; it runs *checks* ``c = -1, 0, 1, ...`` and, after every check
-``c >= 0``, two lookups::
+and a queue of two loaded words ``q0, q1``; it runs *checks* ``c = -1, 0, 1, ...`` and, after
+every check ``c >= 0``, two lookups::
 
-    init:     if the lane has words: pf = its first word
-    check c:  if nb <= 32 and c <= last:  B |= pf << (32 - nb); nb += 32
-                                          if c < last: pf = the lane's next word
+    init:     q0 = the lane's word 0 (if any), then q1 = its word 1 (if any)
+    check c:  if nb <= 32 and c <= last:  B |= q0 << (32 - nb); nb += 32; q0 = q1
+                                          if c <= last_load: q1 = the lane's next unloaded word
     lookup:   e = table[B >> 52]; B <<= len(e); nb -= len(e); emit the n(e) symbols of e
 
-``last`` is the check of the lane's last read. After a check the buffer holds >= 33 bits (or all
-of the lane's remaining bits), so both lookups see whole codes. A group's words are stored in
-the order its lanes load them -- the initial loads in lane order, then, check by check, the loads
-of that check in lane order -- so a warp finds every loading lane's word at ``base + rank`` (one
-ballot and one popcount), with coalesced loads, and a loaded word is not needed before a later
-check, which keeps memory latency off the decode chain.
+``last`` is the check of the lane's last read and ``last_load`` that of its third-to-last (the
+last read that still loads a word). After a check the buffer holds >= 33 bits (or all of the
+lane's remaining bits), so both lookups see whole codes. A group's words are stored in the
+order its lanes load them -- the two initial loads in lane order, then, check by check, the
+loads of that check in lane order -- so a warp finds every loading lane's word at
+``base + rank`` (one ballot and one popcount), with coalesced loads. A word is loaded two reads
+before it is used (~3 checks at 3.5 b/sym), which hides HBM latency; with a one-word queue
+the decoder stalled on it (measured: benchmarks/RESULTS.md, section 6).
 
 The lanes of a 32-row block (one GPU program) run ``iters`` loop iterations (the most lookups of
 any of its lanes, halved, rounded up); a lane that has decoded its symbols keeps stepping on
@@ -59,7 +61,9 @@ LOOKUPS_PER_CHECK = 2
 """A check leaves >= 33 bits in the 64-bit buffer: room for two lookups of <= 12 bits."""
 ABSENT_BYTE = 128
 NO_READ = -2
-"""``last`` of a lane without words."""
+"""``last`` of a lane without words (and ``last_load`` of a lane with fewer than three)."""
+QUEUE = 2
+"""Words a lane holds loaded ahead of its reads."""
 
 _TABLE_SIZE = 1 << WINDOW_BITS
 _MASK32 = 0xFFFFFFFF
@@ -142,6 +146,8 @@ class PrefixLanes:
     """[num_groups] words per group."""
     last: torch.Tensor
     """[num_lanes] check of the lane's last read, ``NO_READ`` if it has no words."""
+    last_load: torch.Tensor
+    """[num_lanes] check of the lane's last read that loads a word (its third-to-last read)."""
     lookups: torch.Tensor
     """[num_lanes] lookups that decode the lane."""
 
@@ -164,10 +170,10 @@ def encode_prefix_lanes(index: torch.Tensor, code: PrefixCode, geometry: Geometr
     lens = torch.where(inside, lens_of[cols], 0)
     csum = torch.cat([torch.zeros_like(lens[:1]), torch.cumsum(lens, 0)])  # [S + 1, L] bit offsets
     consumed, lookups = _lookups(csum, lane_len)
-    last, read_at = _reads(consumed, csum[-1])
+    last, last_load, read_at = _reads(consumed, csum[-1])
     words, lane_of_word = _pack_words(cols, lens, csum, codes_of, geometry)
     order, group_words = _load_order(lane_of_word, read_at, geometry)
-    return PrefixLanes(words[order], group_words, last, lookups)
+    return PrefixLanes(words[order], group_words, last, last_load, lookups)
 
 
 def _lookups(csum: torch.Tensor, lane_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,9 +198,9 @@ def _lookups(csum: torch.Tensor, lane_len: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.stack(steps), lookups
 
 
-def _reads(consumed: torch.Tensor, lane_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's checks replayed: ``last`` read check per lane, and ``read_at [C, L]`` (True
-    where lane l reads at check ``c - 1``)."""
+def _reads(consumed: torch.Tensor, lane_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's checks replayed: ``last`` and ``last_load`` checks per lane, and
+    ``read_at [C, L]`` (True where lane l reads at check ``c - 1``)."""
     n_lanes = lane_bits.numel()
     total_words = (lane_bits + WORD_BITS - 1) // WORD_BITS
     j = consumed.shape[0]
@@ -204,6 +210,7 @@ def _reads(consumed: torch.Tensor, lane_bits: torch.Tensor) -> tuple[torch.Tenso
     nb = torch.zeros_like(lane_bits)
     reads = torch.zeros_like(lane_bits)
     last = torch.full_like(lane_bits, NO_READ)
+    last_load = torch.full_like(lane_bits, NO_READ)
     read_at = torch.zeros((checks + 1, n_lanes), dtype=torch.bool, device=consumed.device)
     for c in range(-1, checks):
         need = (nb <= 32) & (reads < total_words)
@@ -211,11 +218,12 @@ def _reads(consumed: torch.Tensor, lane_bits: torch.Tensor) -> tuple[torch.Tenso
         nb = nb + WORD_BITS * need
         reads = reads + need
         last = torch.where(need, torch.full_like(last, c), last)
+        last_load = torch.where(need & (reads + QUEUE <= total_words), torch.full_like(last, c), last_load)
         if c >= 0:
             nb = nb - per_check[c]
     if not bool((reads == total_words).all()):  # pragma: no cover - the invariant of the schedule
         raise AssertionError("prefix lane schedule left words unread")
-    return last, read_at
+    return last, last_load, read_at
 
 
 def _pack_words(
@@ -244,17 +252,20 @@ def _load_order(lane_of_word: torch.Tensor, read_at: torch.Tensor, geometry: Geo
     """Permutation of the lane-major words into load order, and words per group."""
     dev = lane_of_word.device
     n_words = lane_of_word.numel()
-    # word j >= 1 of a lane is loaded at the check that reads word j - 1 (event c + 2); word 0 at init (event 0)
-    read_lane, read_c = torch.nonzero(read_at.t(), as_tuple=True)  # lane-major, checks ascending
-    first = torch.ones(n_words, dtype=torch.bool, device=dev)
+    # word j < QUEUE of a lane is loaded at init stage j (event j); word j >= QUEUE at the check c
+    # that reads word j - QUEUE (event c + 1 + QUEUE)
+    _, read_c = torch.nonzero(read_at.t(), as_tuple=True)  # lane-major, checks ascending (c + 1)
+    start = torch.ones(n_words, dtype=torch.bool, device=dev)
     if n_words:
-        first[1:] = lane_of_word[1:] != lane_of_word[:-1]
+        start[1:] = lane_of_word[1:] != lane_of_word[:-1]
+    first_of_lane = torch.cummax(torch.where(start, torch.arange(n_words, device=dev), 0), 0).values
+    j = torch.arange(n_words, device=dev) - first_of_lane  # word index within its lane
     event = torch.zeros(n_words, dtype=torch.int64, device=dev)
     if n_words:  # the reads are exactly the words, in the same lane-major order
-        prev_read = torch.roll(read_c, 1)
-        event = torch.where(first, 0, prev_read + 1)
+        earlier = read_c[(torch.arange(n_words, device=dev) - QUEUE).clamp_min(0)]
+        event = torch.where(j < QUEUE, j, earlier + QUEUE)
     group = lane_of_word // GROUP_LANES
-    key = (group * (read_at.shape[0] + 2) + event) * GROUP_LANES + lane_of_word % GROUP_LANES
+    key = (group * (read_at.shape[0] + QUEUE + 1) + event) * GROUP_LANES + lane_of_word % GROUP_LANES
     order = torch.argsort(key)
     return order, torch.bincount(group, minlength=geometry.num_groups)
 
@@ -271,6 +282,7 @@ def decode_prefix_lanes(
     words: torch.Tensor,
     group_words: torch.Tensor,
     last: torch.Tensor,
+    last_load: torch.Tensor,
     block_iters: torch.Tensor,
     table: LookupTable,
     geometry: Geometry,
@@ -294,6 +306,7 @@ def decode_prefix_lanes(
     lens = torch.as_tensor(g.lane_lengths(), device=dev)
     iters = block_iters.to(torch.int64).clamp(0, size).to(dev).repeat_interleave(GROUP_LANES * g.segments)
     last = last.to(torch.int64).to(dev)
+    last_load = last_load.to(torch.int64).to(dev)
     ent_len = torch.as_tensor(table.lengths, device=dev)
     ent_n = torch.as_tensor(table.counts, device=dev)
     ent_sym = torch.as_tensor(table.symbols, device=dev)
@@ -311,7 +324,8 @@ def decode_prefix_lanes(
 
     buf = torch.zeros(n_lanes, dtype=torch.int64, device=dev)  # 64-bit buffer as a non-negative int64 of 64 bits
     nb = torch.zeros(n_lanes, dtype=torch.int64, device=dev)
-    pf = load(last >= -1, torch.zeros_like(buf))
+    q0 = load(last >= -1, torch.zeros_like(buf))
+    q1 = load(last >= 0, torch.zeros_like(buf))
     out = torch.zeros((size + PER_LOOKUP, n_lanes), dtype=torch.int64, device=dev)
     pos = torch.zeros(n_lanes, dtype=torch.int64, device=dev)
     max_iters = int(iters.max()) if iters.numel() else 0
@@ -319,9 +333,10 @@ def decode_prefix_lanes(
         running = c < iters
         need = (nb <= 32) & (c <= last) & running
         shift = (32 - nb).clamp(0, 32)
-        buf = torch.where(need, buf | _shl64(pf, shift), buf)
+        buf = torch.where(need, buf | _shl64(q0, shift), buf)
         nb = nb + WORD_BITS * need
-        pf = load(need & (c < last), pf)
+        q0 = torch.where(need, q1, q0)
+        q1 = load(need & (c <= last_load), q1)
         if c < 0:
             continue
         for _ in range(LOOKUPS_PER_CHECK):

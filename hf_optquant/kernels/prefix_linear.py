@@ -72,6 +72,7 @@ class PackedPrefixWeight:
     words: torch.Tensor  # int32 [words + pad]: 32-bit words in load order
     gstart: torch.Tensor  # int32 [groups + 1]
     last: torch.Tensor  # int16 [lanes]: check of the lane's last read (-2: none)
+    last_load: torch.Tensor  # int16 [lanes]: check of its last read that loads a word (-2: none)
     iters: torch.Tensor  # int32 [row_blocks, 2]: (loop iterations, unmasked iterations)
     scales: torch.Tensor  # float32 [N] or [1]
     vals: torch.Tensor  # float32 [256]: float32(v * step) for v = -128..127 (dense mode, bit-exact)
@@ -170,7 +171,7 @@ def pack_prefix_weight(
     return PackedPrefixWeight(
         table=torch.from_numpy(lut.entries), code_lengths=i32(code.lengths).to(torch.int16),
         value_bytes=i32(vbytes).to(torch.int16), words=words, gstart=gstart.to(torch.int32),
-        last=lanes.last.to(torch.int16), iters=iters, scales=scales.float().reshape(-1).contiguous(),
+        last=lanes.last.to(torch.int16), last_load=lanes.last_load.to(torch.int16), iters=iters, scales=scales.float().reshape(-1).contiguous(),
         vals=(torch.arange(-128, 128, dtype=torch.float64) * float(step)).float(),
         esc_off=off.to(torch.int32), esc_row=esc_row.to(torch.int32), esc_col=esc_col.to(torch.int32),
         esc_val=values[pos], out_features=rows, in_features=cols, seg=seg, segments=geometry.segments,
@@ -213,7 +214,8 @@ def decode_prefix_reference(packed: PackedPrefixWeight) -> tuple[torch.Tensor, t
     lut = packed.lookup()
     words = packed.gstart[1:].to(torch.int64) - packed.gstart[:-1].to(torch.int64)
     total = int(packed.gstart[-1]) if packed.gstart.numel() else 0
-    dec = decode_prefix_lanes(packed.words[:total], words, packed.last, packed.iters[:, 0], lut, packed.geometry)
+    dec = decode_prefix_lanes(packed.words[:total], words, packed.last, packed.last_load, packed.iters[:, 0], lut,
+                              packed.geometry)
     index = dec.index.reshape(n, k)
     vbytes = packed.value_bytes.to(torch.int64).to(index.device)
     value = torch.where(vbytes[index] == 0, 0, vbytes[index] - 128)
@@ -228,16 +230,17 @@ def decode_prefix_reference(packed: PackedPrefixWeight) -> tuple[torch.Tensor, t
 
 _CHECK_ASM = (
     "{ .reg .pred p, q; .reg .b32 m, r, c, s; .reg .b64 a, t;"
-    " setp.le.s32 p, $5, 32; setp.le.and.s32 p, $8, $9, p; setp.lt.and.s32 q, $8, $9, p;"
+    " setp.le.s32 p, $6, 32; setp.le.and.s32 p, $10, $11, p; setp.le.and.s32 q, $10, $12, p;"
     " vote.sync.ballot.b32 m, q, -1;"
-    " and.b32 r, m, $10; popc.b32 r, r; popc.b32 c, m;"
-    " add.u32 r, r, $7; min.u32 r, r, $12; mad.wide.u32 a, r, 4, $11;"
-    " mov.b64 $0, $4; mov.b32 $1, $5; mov.b32 $2, $6;"
-    " sub.u32 s, 32, $5; cvt.u64.u32 t, $6; shl.b64 t, t, s; @p or.b64 $0, $4, t; @p add.s32 $1, $5, 32;"
-    " @q ld.global.nc.u32 $2, [a];"
-    " add.u32 $3, $7, c; }"
+    " and.b32 r, m, $13; popc.b32 r, r; popc.b32 c, m;"
+    " add.u32 r, r, $9; min.u32 r, r, $15; mad.wide.u32 a, r, 4, $14;"
+    " mov.b64 $0, $5; mov.b32 $1, $6; mov.b32 $2, $7; mov.b32 $3, $8;"
+    " sub.u32 s, 32, $6; cvt.u64.u32 t, $7; shl.b64 t, t, s; @p or.b64 $0, $5, t; @p add.s32 $1, $6, 32;"
+    " @p mov.b32 $2, $8; @q ld.global.nc.u32 $3, [a];"
+    " add.u32 $4, $9, c; }"
 )
-"""One check: outputs (B, nb, pf, base); inputs B, nb, pf, base, c, last, lanemask_lt, words, last_word."""
+"""One check: outputs (B, nb, q0, q1, base); inputs B, nb, q0, q1, base, c, last, last_load, lanemask_lt, words,
+last_word."""
 if HAS_TRITON:
     _CHECK_ASM = tl.constexpr(_CHECK_ASM)
 
@@ -266,7 +269,7 @@ if HAS_TRITON:
 
 
 def _prefix_kernel(
-    x_ptr, out_ptr, table_ptr, words_ptr, gstart_ptr, last_ptr, iters_ptr, scale_ptr, vals_ptr,
+    x_ptr, out_ptr, table_ptr, words_ptr, gstart_ptr, last_ptr, last_load_ptr, iters_ptr, scale_ptr, vals_ptr,
     esc_off_ptr, esc_row_ptr, esc_col_ptr, esc_val_ptr,
     M, N, K, S, P, last_word, stride_xm, stride_om, step,
     W: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, ROW_SCALE: tl.constexpr, ASM: tl.constexpr,
@@ -285,6 +288,7 @@ def _prefix_kernel(
     k0 = tl.where(seg_ok, seg * S, 0)
     seglen = tl.where(act, tl.minimum(K - k0, S), 0)
     last = tl.load(last_ptr + g * 32 + lane, mask=act, other=-2).to(tl.int32)  # int16 in memory
+    last_load = tl.load(last_load_ptr + g * 32 + lane, mask=act, other=-2).to(tl.int32)
     base = tl.load(gstart_ptr + g, mask=seg_ok, other=0)
     n_iter = tl.load(iters_ptr + 2 * rb)
     n_safe = tl.load(iters_ptr + 2 * rb + 1)
@@ -306,20 +310,25 @@ def _prefix_kernel(
             "mov.u32 $0, %lanemask_lt;", "=r,r", [lane], dtype=tl.int32, is_pure=True, pack=1
         )
 
-    # ---- the first word of every lane that has words
-    req = last >= -1
-    if ASM:
-        rank, cnt = tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 m; setp.ne.b32 p, $2, 0; vote.sync.ballot.b32 m, p, -1;"
-            " and.b32 $0, m, $3; popc.b32 $0, $0; popc.b32 $1, m; }",
-            "=r,=r,r,r", [req.to(tl.int32), ltmask], dtype=(tl.int32, tl.int32), is_pure=False, pack=1,
-        )  # fmt: skip
-    else:
-        r2 = tl.reshape(req.to(tl.int32), [W, 32])
-        rank = tl.reshape(tl.cumsum(r2, axis=1) - r2, [LANES])
-        cnt = tl.reshape(tl.broadcast_to(tl.sum(r2, axis=1)[:, None], [W, 32]), [LANES])
-    pf = tl.load(words_ptr + tl.minimum(base + rank, last_word), mask=req, other=0).to(tl.uint32, bitcast=True)
-    base += cnt
+    # ---- the first two words of every lane (init stages 0 and 1: lanes with >= 1 and >= 2 words)
+    for stage in tl.static_range(2):
+        req = last >= stage - 1
+        if ASM:
+            rank, cnt = tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .b32 m; setp.ne.b32 p, $2, 0; vote.sync.ballot.b32 m, p, -1;"
+                " and.b32 $0, m, $3; popc.b32 $0, $0; popc.b32 $1, m; }",
+                "=r,=r,r,r", [req.to(tl.int32), ltmask], dtype=(tl.int32, tl.int32), is_pure=False, pack=1,
+            )  # fmt: skip
+        else:
+            r2 = tl.reshape(req.to(tl.int32), [W, 32])
+            rank = tl.reshape(tl.cumsum(r2, axis=1) - r2, [LANES])
+            cnt = tl.reshape(tl.broadcast_to(tl.sum(r2, axis=1)[:, None], [W, 32]), [LANES])
+        wd = tl.load(words_ptr + tl.minimum(base + rank, last_word), mask=req, other=0).to(tl.uint32, bitcast=True)
+        if stage == 0:
+            q0 = wd
+        else:
+            q1 = wd
+        base += cnt
     buf = tl.zeros([LANES], dtype=tl.uint64)
     nb = tl.zeros([LANES], dtype=tl.int32)
     col = tl.zeros([LANES], dtype=tl.int32)
@@ -352,22 +361,23 @@ def _prefix_kernel(
         for c in range(c_lo, c_hi):
             # ---- check: refill the bit buffer from the prefetched word, load the next one
             if ASM:
-                buf, nb, pf, base = tl.inline_asm_elementwise(
-                    _CHECK_ASM, "=l,=r,=r,=r,l,r,r,r,r,r,r,l,r",
-                    [buf, nb, pf, base, c + nb * 0, last, ltmask, words_ptr, last_word],
-                    dtype=(tl.uint64, tl.int32, tl.uint32, tl.int32), is_pure=False, pack=1,
+                buf, nb, q0, q1, base = tl.inline_asm_elementwise(
+                    _CHECK_ASM, "=l,=r,=r,=r,=r,l,r,r,r,r,r,r,r,r,l,r",
+                    [buf, nb, q0, q1, base, c + nb * 0, last, last_load, ltmask, words_ptr, last_word],
+                    dtype=(tl.uint64, tl.int32, tl.uint32, tl.uint32, tl.int32), is_pure=False, pack=1,
                 )  # fmt: skip
             else:
                 need = (nb <= 32) & (c <= last)
-                req = need & (c < last)
+                req = need & (c <= last_load)
                 r2 = tl.reshape(req.to(tl.int32), [W, 32])
                 rank = tl.reshape(tl.cumsum(r2, axis=1) - r2, [LANES])
                 cnt = tl.reshape(tl.broadcast_to(tl.sum(r2, axis=1)[:, None], [W, 32]), [LANES])
                 sh = tl.maximum(32 - nb, 0).to(tl.uint64)
-                buf = tl.where(need, buf | (pf.to(tl.uint64) << sh), buf)
+                buf = tl.where(need, buf | (q0.to(tl.uint64) << sh), buf)
                 nb = tl.where(need, nb + 32, nb)
+                q0 = tl.where(need, q1, q0)
                 nw = tl.load(words_ptr + tl.minimum(base + rank, last_word), mask=req, other=0)
-                pf = tl.where(req, nw.to(tl.uint32, bitcast=True), pf)
+                q1 = tl.where(req, nw.to(tl.uint32, bitcast=True), q1)
                 base += cnt
             if PHASE > 0:
                 for _u in tl.static_range(2):  # LOOKUPS_PER_CHECK
@@ -500,7 +510,7 @@ def _launch(packed: PackedPrefixWeight, mode: int, out: torch.Tensor, x: torch.T
     xt = x if x is not None else packed.scales  # any tensor: unused outside GEMV mode
     grid = (packed.row_blocks, _cdiv(m, bm) if mode == MODE_GEMV else 1)
     _kernel(interpret)[grid](
-        xt, out, packed.table, packed.words, packed.gstart, packed.last, packed.iters, packed.scales, packed.vals,
+        xt, out, packed.table, packed.words, packed.gstart, packed.last, packed.last_load, packed.iters, packed.scales, packed.vals,
         packed.esc_off, packed.esc_row, packed.esc_col, packed.esc_val,
         m, packed.out_features, packed.in_features, packed.seg, packed.segments, packed.words.numel() - 1,
         xt.stride(0) if x is not None else 0, out.stride(0), packed.step,
