@@ -41,6 +41,7 @@ from entropy_kernels import clone_packed, encode_grid, grid_quantise, log, segme
 
 from hf_optquant.coding.stream import encode_tensors  # noqa: E402
 from hf_optquant.kernels import grid_linear as G  # noqa: E402
+from hf_optquant.kernels import prefix_linear as PL  # noqa: E402
 
 CFG = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256,
            eps=1e-5, theta=500000.0)  # fmt: skip
@@ -216,8 +217,10 @@ def build_bf16(cfg, device, gen) -> tuple[dict, torch.Tensor, list]:
     return lin, embed, norms
 
 
-def grid_from_bf16(lin: dict, cfg, bits: float, rule: str, distinct: int, device) -> tuple[dict, dict]:
-    """Quantise and entropy-code every bf16 weight (one grid step per shape, fitted on layer 0)."""
+def grid_from_bf16(lin: dict, cfg, bits: float, rule: str, distinct: int, device,
+                   layout: str = "prefix") -> tuple[dict, dict]:  # fmt: skip
+    """Quantise and entropy-code every bf16 weight (one grid step per shape, fitted on layer 0);
+    ``layout``: the GPU form, prefix-code lanes (default) or the rANS row layout."""
     out, info = {p: [] for p in PROJ}, {}
     t0 = time.time()
     for p in (*PROJ, "lm_head"):
@@ -231,21 +234,28 @@ def grid_from_bf16(lin: dict, cfg, bits: float, rule: str, distinct: int, device
                 enc = first
             elif j < distinct:
                 idx, scales = grid_quantise(m.w, first["step"])
-                enc = dict(idx=idx, scales=scales, step=first["step"],
-                           tensors=encode_tensors(idx, chunk_size=seg, row_length=k, crc=False))
+                enc = dict(idx=idx, scales=scales, step=first["step"])
+                if layout == "rans":
+                    enc["tensors"] = encode_tensors(idx, chunk_size=seg, row_length=k, crc=False)
             else:  # same bytes as an earlier layer, in its own memory
                 packed.append(clone_packed(packed[j % distinct]))
                 continue
-            packed.append(G.pack_grid_stream(enc["tensors"], enc["scales"], enc["step"], (n, k), torch.bfloat16,
-                                             device))  # fmt: skip
+            if layout == "prefix":
+                packed.append(PL.pack_prefix_weight(enc["idx"], enc["scales"], enc["step"], torch.bfloat16, device))
+            else:
+                packed.append(G.pack_grid_stream(enc["tensors"], enc["scales"], enc["step"], (n, k), torch.bfloat16,
+                                                 device))  # fmt: skip
         stored = 8 * sum(t.numel() * t.element_size() for t in first["tensors"].values()) + 16 * n
-        info[p] = dict(shape=[n, k], seg=seg, step=first["step"], bits=first["bits"], lanes=packed[0].states.numel(),
-                       stored_bits_layer0=stored, escapes_layer0=packed[0].num_escapes)  # fmt: skip
+        p0 = packed[0]
+        info[p] = dict(shape=[n, k], seg=p0.seg, step=first["step"], bits=first["bits"], layout=layout,
+                       gpu_bits=8 * p0.nbytes / (n * k), stored_bits_layer0=stored,
+                       escapes_layer0=p0.num_escapes)  # fmt: skip
         if p == "lm_head":
             out[p] = GridLinear(packed[0])
         else:
             out[p] = [GridLinear(q) for q in packed]
-        log(f"grid {p} {n}x{k} S={seg} {first['bits']:.3f} b/p, {len(mods)} tensors, {time.time() - t0:.0f}s")
+        log(f"grid {p} {n}x{k} {layout} S={p0.seg} stored {first['bits']:.3f} b/p, on the GPU "
+            f"{info[p]['gpu_bits']:.3f} b/p, {len(mods)} tensors, {time.time() - t0:.0f}s")
     return out, info
 
 
@@ -259,6 +269,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--variants", nargs="+", default=["bf16", "lut4", "grid"])
+    ap.add_argument("--grid-layout", choices=("prefix", "rans"), default="prefix")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
@@ -276,7 +287,8 @@ def main() -> None:
     log(f"bf16 model built: {gbytes:.2f} GB of linear weights")
     models = {}
     if "grid" in args.variants:
-        glin, res["grid_layers"] = grid_from_bf16(lin, cfg, args.bits, args.segments, args.distinct, device)
+        glin, res["grid_layers"] = grid_from_bf16(lin, cfg, args.bits, args.segments, args.distinct, device,
+                                                  args.grid_layout)
         models["grid"] = Model(cfg, glin, embed, norms, device, args.context)
         # the same grid weights through the decode-to-scratch path: an independent check of the fused GEMV
         dense = {p: ([GridLinear(m.p, "dense") for m in v] if isinstance(v, list) else GridLinear(v.p, "dense"))

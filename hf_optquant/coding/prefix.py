@@ -37,8 +37,9 @@ Table entry (int32): ``b0 | b1 << 8 | b2 << 16 | len << 24 | n << 30`` where ``b
 ``j``'s *value byte*, given by the caller (the GPU kernels use ``value + 128``, 0 for escapes;
 absent symbols have byte 128, value 0), ``len`` the bits the lookup consumes (1..12) and ``n`` its
 number of symbols (1..3): a GPU shifts its bit buffer by ``e >> 24`` with wrap-around (mod 32)
-funnel shifts and advances its column by ``e >> 30``, one instruction each. A window that starts no valid code (only possible for corrupt
-data or a one-symbol code) decodes as one symbol 0 of length 12.
+funnel shifts and advances its column by ``e >> 30``, one instruction each. A window that starts
+no valid code (only possible for corrupt data or a one-symbol code) decodes as one symbol 0 of
+length 12.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import torch
 
 from ..coding.alphabet import map_values
 from ..coding.huffman import canonical_codes
-from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, Geometry, gpu_segment
+from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, Geometry, auto_segment
 from ..coding.prefix import (
     LOOKUPS_PER_CHECK,
     LookupTable,
@@ -51,10 +51,11 @@ from .common import HAS_TRITON, StrictLaunch, tl, triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 
-__all__ = ["PackedPrefixWeight", "decode_prefix_weight", "pack_prefix_weight", "prefix_linear"]
+__all__ = ["PackedPrefixWeight", "decode_prefix_weight", "pack_prefix_weight", "prefix_linear", "prefix_segment"]
 
 MODE_GEMV, MODE_DENSE = 0, 1
-GEMV_MAX_M = 4
+GEMV_MAX_M = 16
+"""Largest batch served by the fused decode-GEMV (in tiles of 4 rows); above: decode + matmul."""
 _BM_MAX = 4
 _PLACEHOLDER = -128
 _PAD_WORDS = 64
@@ -134,12 +135,12 @@ def pack_prefix_weight(
     """Prefix-code a ``[N, K]`` tensor of grid indices (int, on any device) for the kernels.
 
     Encoding runs on ``index``'s device (a GPU encodes an 8B layer in well under a second);
-    ``chunk_size`` is the lane length (default :func:`~hf_optquant.coding.layout.gpu_segment`).
+    ``chunk_size`` is the lane length (default :func:`prefix_segment`).
     """
     if index.dim() != 2 or index.dtype.is_floating_point:
         raise ValueError(f"index must be a 2-D integer tensor, got {tuple(index.shape)} {index.dtype}")
     rows, cols = index.shape
-    seg = chunk_size if chunk_size is not None else gpu_segment(rows, cols)
+    seg = chunk_size if chunk_size is not None else prefix_segment(rows, cols)
     if _cdiv(cols, seg) > MAX_SEGMENTS:
         raise ValueError(f"chunk_size {seg} cuts rows of {cols} into more than {MAX_SEGMENTS} lanes")
     device = torch.device(device) if device is not None else index.device
@@ -171,7 +172,8 @@ def pack_prefix_weight(
     return PackedPrefixWeight(
         table=torch.from_numpy(lut.entries), code_lengths=i32(code.lengths).to(torch.int16),
         value_bytes=i32(vbytes).to(torch.int16), words=words, gstart=gstart.to(torch.int32),
-        last=lanes.last.to(torch.int16), last_load=lanes.last_load.to(torch.int16), iters=iters, scales=scales.float().reshape(-1).contiguous(),
+        last=lanes.last.to(torch.int16), last_load=lanes.last_load.to(torch.int16), iters=iters,
+        scales=scales.float().reshape(-1).contiguous(),
         vals=(torch.arange(-128, 128, dtype=torch.float64) * float(step)).float(),
         esc_off=off.to(torch.int32), esc_row=esc_row.to(torch.int32), esc_col=esc_col.to(torch.int32),
         esc_val=values[pos], out_features=rows, in_features=cols, seg=seg, segments=geometry.segments,
@@ -180,6 +182,13 @@ def pack_prefix_weight(
 
 
 _CHUNK_SYMBOLS = 1 << 24
+
+
+def prefix_segment(rows: int, cols: int) -> int:
+    """Lane length: ~256 symbols (lanes in flight hide the lookup chain; measured on an H100 for 8B
+    layers, RESULTS.md section 6), 512 for the largest tensors (same speed, ~0.1 b/p fewer lane
+    overheads), and at most 32 lanes per row."""
+    return auto_segment(cols, 256 if rows * cols < (1 << 27) else 512)
 
 
 def _encode_in_chunks(mapped: torch.Tensor, code: PrefixCode, seg: int) -> PrefixLanes:
@@ -510,7 +519,8 @@ def _launch(packed: PackedPrefixWeight, mode: int, out: torch.Tensor, x: torch.T
     xt = x if x is not None else packed.scales  # any tensor: unused outside GEMV mode
     grid = (packed.row_blocks, _cdiv(m, bm) if mode == MODE_GEMV else 1)
     _kernel(interpret)[grid](
-        xt, out, packed.table, packed.words, packed.gstart, packed.last, packed.last_load, packed.iters, packed.scales, packed.vals,
+        xt, out, packed.table, packed.words, packed.gstart, packed.last, packed.last_load, packed.iters,
+        packed.scales, packed.vals,
         packed.esc_off, packed.esc_row, packed.esc_col, packed.esc_val,
         m, packed.out_features, packed.in_features, packed.seg, packed.segments, packed.words.numel() - 1,
         xt.stride(0) if x is not None else 0, out.stride(0), packed.step,
@@ -563,7 +573,8 @@ def prefix_linear(x: torch.Tensor, packed: PackedPrefixWeight, *, path: str | No
 
     ``path``: ``"gemv"`` (fused decode-GEMV, any batch in tiles of 4 rows), ``"dense"`` (decode to
     a scratch buffer, then ``torch.matmul``), ``"torch"`` (torch reference decoder). Default:
-    ``gemv`` up to ``GEMV_MAX_M`` rows, ``dense`` above; the torch path without Triton.
+    ``gemv`` up to ``GEMV_MAX_M`` rows (at 16 rows four GEMV tiles still beat this kernel's
+    scattered dense decode), ``dense`` above; the torch path without Triton.
     """
     k, n = packed.in_features, packed.out_features
     if x.shape[-1] != k:
