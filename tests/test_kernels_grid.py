@@ -141,11 +141,11 @@ def test_torch_reference_decoder_matches(rng) -> None:
 
 
 def test_packed_size_stays_close_to_the_encoded_size(rng) -> None:
-    """The GPU form: the stored stream re-coded with more, shorter lanes, plus fixed tables."""
+    """The rANS GPU form: the stored stream re-coded with more, shorter lanes, plus fixed tables."""
     w = torch.from_numpy(rng.standard_t(5, (256, 512))).float()
     fmt = TensorFormat(GridElement(0.4), Scaling("channel", 64, "rms", "bf16"))
     encoded = fmt.encode(w)
-    packed = G.pack_grid_weight(encoded)
+    packed = G.pack_grid_weight(encoded, layout="rans")
     stored = encoded.nbits // 8
     lanes = packed.states.numel()
     fixed = 4096 * 4 + 4096 * 2 + 256 * 4  # slot table, slot symbols, value table
@@ -161,11 +161,11 @@ def test_transcoding_keeps_a_row_coded_stream(rng) -> None:
     fmt = TensorFormat(GridElement(0.02), Scaling("tensor", 64, "rms", "fp32"))
     enc = type(fmt.encode(torch.ones(40, 72)))(fmt, (40, 72), torch.float32, {
         "scales": torch.tensor([[1.5]]), **{f"codes.{k}": v for k, v in row_coded.tensors.items()}})
-    packed = G.pack_grid_weight(enc)
+    packed = G.pack_grid_weight(enc, layout="rans")
     assert packed.seg == 24 and torch.equal(packed.payload[: row_coded.tensors["payload"].numel()],
                                            row_coded.tensors["payload"])
     assert torch.equal(G.decode_grid_weight(packed), fmt.decode(enc))
-    other = G.pack_grid_weight(enc, chunk_size=36)  # asked for another lane length: transcoded
+    other = G.pack_grid_weight(enc, chunk_size=36, layout="rans")  # asked for another lane length: transcoded
     assert other.seg == 36 and torch.equal(G.decode_grid_weight(other), fmt.decode(enc))
 
 
