@@ -3,7 +3,9 @@
 * :mod:`.reference` -- pure-torch reference (dequantise in float32, then matmul);
 * :mod:`.lut_linear` -- Triton GEMV/GEMM kernels and the packed weight layout.
 * :mod:`.grid_linear` -- entropy-coded grid weights decoded on the GPU (fused decode-GEMV), with
-  :mod:`.grid_reference` beside it (import the submodule: its main function shares its name).
+  :mod:`.grid_reference` beside it (import the submodule: its main function shares its name);
+  ``pack_grid_weight`` re-codes a stored (rANS) weight into the prefix-code layout of
+  :mod:`.prefix_linear` (default: several weights per table lookup) or keeps the rANS lanes.
 """
 
 from .lut_linear import (
