@@ -22,7 +22,6 @@ Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/entropy_kernels.py 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -128,7 +127,8 @@ def pack(enc: dict, device) -> G.PackedGridWeight:
     return G.pack_grid_stream(enc["tensors"], enc["scales"], enc["step"], (n, k), torch.bfloat16, device)
 
 
-def clone_packed(p: G.PackedGridWeight) -> G.PackedGridWeight:
+def clone_packed(p):
+    """A copy of a packed grid weight (either layout) in its own memory."""
     import dataclasses
 
     return dataclasses.replace(p, **{k: v.clone() for k, v in p._tensors().items()})
@@ -314,8 +314,7 @@ def time_prefix(enc: dict, seg: int, device, gen, bs: tuple, row: dict) -> None:
         row[f"{tag}_gemv_rel_m{m}"] = float((y - ref).norm() / ref.norm())
     del w_ref
     ncopy = copies_for(pp.nbytes)
-    ps = [pp] + [dataclasses.replace(pp, **{kk: v.clone() for kk, v in pp._tensors().items()})
-                 for _ in range(ncopy - 1)]  # fmt: skip
+    ps = [pp] + [clone_packed(pp) for _ in range(ncopy - 1)]
     for m in bs:
         x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
         row[f"{tag}_us_m{m}"] = graph_time_us([lambda p=p, x=x: PL.prefix_linear(x, p) for p in ps])

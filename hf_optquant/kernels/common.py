@@ -3,8 +3,11 @@ strict interpreted launch."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+
+import torch
 
 try:  # Triton is optional: without it every layer takes its torch path
     import triton
@@ -16,7 +19,8 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "tl", "triton"]
+__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "jit_or_interpret", "scratch_weight", "tl", "triton",
+           "use_triton"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -52,3 +56,33 @@ class StrictLaunch:
             return launch(*args, **kwargs)
 
         return checked
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a kernel runs for ``t``: compiled on a GPU, or in the interpreter when it is active."""
+    return HAS_TRITON and (t.is_cuda or interpret_mode())
+
+
+@functools.cache
+def jit_or_interpret(fn, interpret: bool):
+    """``fn`` as a launchable kernel: interpreted (strict about keyword arguments) or jitted. Kernels
+    are plain functions jitted here so that this choice follows TRITON_INTERPRET at call time."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return StrictLaunch(InterpretedFunction(fn), fn)
+    return triton.jit(fn)
+
+
+_SCRATCH: dict = {}
+
+
+def scratch_weight(device: torch.device, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A dense ``[rows, cols]`` buffer reused by every layer of this shape on this device (weights
+    decoded just in time for a matmul)."""
+    key = (device, rows, cols, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = torch.empty((rows, cols), dtype=dtype, device=device)
+        _SCRATCH[key] = buf
+    return buf

@@ -45,7 +45,6 @@ back to the torch decoder in :mod:`hf_optquant.kernels.grid_reference`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import numpy as np
@@ -58,10 +57,10 @@ from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, PROB_SCALE, H
 from ..coding.stream import decode_symbols, encode_tensors, lane_last_reads
 from ..formats.grid import GridElement
 from ..formats.tensor import EncodedTensor, TensorFormat
-from .common import HAS_TRITON, StrictLaunch, tl, triton
+from .common import HAS_TRITON, jit_or_interpret, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
-from .prefix_linear import PackedPrefixWeight, decode_prefix_weight, pack_prefix_weight, prefix_linear
+from .prefix_linear import PackedPrefixWeight, decode_prefix_weight, escape_weights, pack_prefix_weight, prefix_linear
 
 __all__ = [
     "GEMV_MAX_M",
@@ -623,19 +622,6 @@ def _grid_kernel(
             tl.store(out_ptr + (pm * BM + m) * stride_om + rows32, y.to(out_ptr.dtype.element_ty), mask=rmask & mrow)
 
 
-@functools.cache
-def _kernel(interpret: bool):
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return StrictLaunch(InterpretedFunction(_grid_kernel), _grid_kernel)
-    return triton.jit(_grid_kernel)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or _interpret_mode())
-
-
 def _launch(packed: PackedGridWeight, mode: int, out: torch.Tensor, x: torch.Tensor | None = None) -> None:
     """Run the kernel over every row block (and activation-row tile in GEMV mode)."""
     interpret = packed.device.type != "cuda" or _interpret_mode()
@@ -650,7 +636,7 @@ def _launch(packed: PackedGridWeight, mode: int, out: torch.Tensor, x: torch.Ten
              and out.data_ptr() % 8 == 0)  # fmt: skip
     full = n % GROUP_LANES == 0 and packed.segments == w
     grid = (packed.row_blocks, _cdiv(m, bm) if mode == MODE_GEMV else 1)
-    _kernel(interpret)[grid](
+    jit_or_interpret(_grid_kernel, interpret)[grid](
         xt, out, packed.table, packed.symbols, packed.vals, packed.states, packed.last, packed.gstart,
         packed.payload, packed.scales, packed.esc_off, packed.esc_row, packed.esc_col, packed.esc_val,
         m, n, k, packed.seg, packed.segments, packed.payload.numel() - 1,
@@ -668,7 +654,7 @@ def _decode(packed: PackedGridWeight, mode: int, dtype: torch.dtype) -> torch.Te
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
     if n == 0 or k == 0:
         return out
-    if _use_triton(packed.payload):
+    if use_triton(packed.payload):
         _launch(packed, mode, out)
         return out
     from .grid_reference import decode_reference
@@ -686,26 +672,8 @@ def decode_grid_weight(packed: PackedGridWeight, dtype: torch.dtype | None = Non
         return decode_grid_weight(packed, torch.float32).double()
     out = _decode(packed, MODE_DENSE, dtype)
     if packed.num_escapes:
-        rows, cols = packed.esc_row.long(), packed.esc_col.long()
-        scale = packed.scales[rows] if packed.scales.numel() > 1 else packed.scales.expand(rows.numel())
-        w = (packed.esc_val.double() * packed.step).float() * scale
-        if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(torch.float32).max:
-            w = w.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
-        out[rows, cols] = w.to(dtype)
+        out[packed.esc_row.long(), packed.esc_col.long()] = escape_weights(packed, dtype)
     return out
-
-
-_SCRATCH: dict = {}
-
-
-def _scratch(packed: PackedGridWeight, dtype: torch.dtype) -> torch.Tensor:
-    """A dense buffer reused by every layer of this shape on this device (decode just in time)."""
-    key = (packed.device, packed.out_features, packed.in_features, dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        buf = torch.empty((packed.out_features, packed.in_features), dtype=dtype, device=packed.device)
-        _SCRATCH[key] = buf
-    return buf
 
 
 def grid_linear(x: torch.Tensor, packed: PackedGridWeight, *, path: str | None = None) -> torch.Tensor:
@@ -733,13 +701,13 @@ def grid_linear(x: torch.Tensor, packed: PackedGridWeight, *, path: str | None =
         return x.new_zeros(*lead, n)
     if x2.device != packed.device:
         raise ValueError(f"packed weight is on {packed.device}, x on {x2.device}")
-    if path == "torch" or not _use_triton(x2):
+    if path == "torch" or not use_triton(x2):
         w = decode_grid_weight(packed, torch.float32)
         return (x2.float() @ w.T).to(x.dtype).reshape(*lead, n)
     if path is None:
         path = "gemv" if m <= GEMV_MAX_M else "dense"
     if path == "dense":
-        w = _scratch(packed, x2.dtype)
+        w = scratch_weight(packed.device, n, k, x2.dtype)
         _launch(packed, MODE_DENSE, w)
         if packed.num_escapes:
             w[packed.esc_row.long(), packed.esc_col.long()] = _escape_weights(packed, x2.dtype)

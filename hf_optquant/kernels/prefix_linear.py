@@ -47,7 +47,7 @@ from ..coding.prefix import (
     lookup_table,
 )
 from ..coding.table import build_code_table
-from .common import HAS_TRITON, StrictLaunch, tl, triton
+from .common import HAS_TRITON, jit_or_interpret, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 
@@ -163,7 +163,7 @@ def pack_prefix_weight(
     words = lanes.words
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     words = torch.cat([words, torch.zeros(_PAD_WORDS, dtype=torch.int32, device=words.device)])
-    iters = _block_iters(lanes.lookups, geometry)
+    iters = _block_iters(lanes, geometry)
     esc = mapped >= (alphabet.num_direct if alphabet is not None else 1 << 62)
     pos = torch.nonzero(esc).reshape(-1)
     esc_row, esc_col = pos // max(cols, 1), pos % max(cols, 1)
@@ -203,13 +203,13 @@ def _encode_in_chunks(mapped: torch.Tensor, code: PrefixCode, seg: int) -> Prefi
     return PrefixLanes(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(PrefixLanes)))
 
 
-def _block_iters(lookups: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+def _block_iters(lanes: PrefixLanes, geometry: Geometry) -> torch.Tensor:
     """Per 32-row block: loop iterations (most lookups of its lanes, halved) and unmasked ones: no
     lane of the block reads an activation past its segment within them, i.e. they end at least two
     lookups before every real lane's last (``2 * it <= lookups - 2``)."""
-    per = lookups.view(geometry.row_blocks, -1)
-    real = torch.as_tensor(geometry.lane_lengths(), device=lookups.device).view(geometry.row_blocks, -1) > 0
-    most = (per.amax(1) + LOOKUPS_PER_CHECK - 1) // LOOKUPS_PER_CHECK
+    per = lanes.lookups.view(geometry.row_blocks, -1)
+    real = torch.as_tensor(geometry.lane_lengths(), device=per.device).view(geometry.row_blocks, -1) > 0
+    most = lanes.block_iters(geometry)
     big = torch.iinfo(torch.int64).max
     least = torch.where(real, per, big).amin(1)
     safe = torch.where(least == big, 0, (least - 2).clamp_min(0) // LOOKUPS_PER_CHECK)
@@ -498,19 +498,6 @@ def _prefix_kernel(
             tl.store(out_ptr + (pm * BM + m) * stride_om + rows32, y.to(out_ptr.dtype.element_ty), mask=rmask & mrow)
 
 
-@functools.cache
-def _kernel(interpret: bool):
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return StrictLaunch(InterpretedFunction(_prefix_kernel), _prefix_kernel)
-    return triton.jit(_prefix_kernel)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or _interpret_mode())
-
-
 def _launch(packed: PackedPrefixWeight, mode: int, out: torch.Tensor, x: torch.Tensor | None = None) -> None:
     interpret = packed.device.type != "cuda" or _interpret_mode()
     w = 1 << max(0, (packed.segments - 1).bit_length())
@@ -518,7 +505,7 @@ def _launch(packed: PackedPrefixWeight, mode: int, out: torch.Tensor, x: torch.T
     bm = min(_BM_MAX, m)
     xt = x if x is not None else packed.scales  # any tensor: unused outside GEMV mode
     grid = (packed.row_blocks, _cdiv(m, bm) if mode == MODE_GEMV else 1)
-    _kernel(interpret)[grid](
+    jit_or_interpret(_prefix_kernel, interpret)[grid](
         xt, out, packed.table, packed.words, packed.gstart, packed.last, packed.last_load, packed.iters,
         packed.scales, packed.vals,
         packed.esc_off, packed.esc_row, packed.esc_col, packed.esc_val,
@@ -531,7 +518,8 @@ def _launch(packed: PackedPrefixWeight, mode: int, out: torch.Tensor, x: torch.T
     )  # fmt: skip
 
 
-def _escape_weights(packed: PackedPrefixWeight, dtype: torch.dtype) -> torch.Tensor:
+def escape_weights(packed, dtype: torch.dtype) -> torch.Tensor:
+    """The escaped weights of a packed grid weight (either layout) in ``dtype``, clamped to its range."""
     rows = packed.esc_row.long()
     scale = packed.scales[rows] if packed.scales.numel() > 1 else packed.scales.expand(rows.numel())
     w = (packed.esc_val.double() * packed.step).float() * scale
@@ -546,26 +534,14 @@ def decode_prefix_weight(packed: PackedPrefixWeight, dtype: torch.dtype | None =
     if dtype == torch.float64:
         return decode_prefix_weight(packed, torch.float32).double()
     n, k = packed.out_features, packed.in_features
-    if _use_triton(packed.words) and n and k:
+    if use_triton(packed.words) and n and k:
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
         _launch(packed, MODE_DENSE, out)
     else:
         out = decode_prefix_reference(packed)[1].to(dtype).to(packed.device)
     if packed.num_escapes:
-        out[packed.esc_row.long(), packed.esc_col.long()] = _escape_weights(packed, dtype)
+        out[packed.esc_row.long(), packed.esc_col.long()] = escape_weights(packed, dtype)
     return out
-
-
-_SCRATCH: dict = {}
-
-
-def _scratch(packed: PackedPrefixWeight, dtype: torch.dtype) -> torch.Tensor:
-    key = (packed.device, packed.out_features, packed.in_features, dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        buf = torch.empty((packed.out_features, packed.in_features), dtype=dtype, device=packed.device)
-        _SCRATCH[key] = buf
-    return buf
 
 
 def prefix_linear(x: torch.Tensor, packed: PackedPrefixWeight, *, path: str | None = None) -> torch.Tensor:
@@ -592,16 +568,16 @@ def prefix_linear(x: torch.Tensor, packed: PackedPrefixWeight, *, path: str | No
         return x.new_zeros(*lead, n)
     if x2.device != packed.device:
         raise ValueError(f"packed weight is on {packed.device}, x on {x2.device}")
-    if path == "torch" or not _use_triton(x2):
+    if path == "torch" or not use_triton(x2):
         w = decode_prefix_weight(packed, torch.float32)
         return (x2.float() @ w.T).to(x.dtype).reshape(*lead, n)
     if path is None:
         path = "gemv" if m <= GEMV_MAX_M else "dense"
     if path == "dense":
-        w = _scratch(packed, x2.dtype)
+        w = scratch_weight(packed.device, n, k, x2.dtype)
         _launch(packed, MODE_DENSE, w)
         if packed.num_escapes:
-            w[packed.esc_row.long(), packed.esc_col.long()] = _escape_weights(packed, x2.dtype)
+            w[packed.esc_row.long(), packed.esc_col.long()] = escape_weights(packed, x2.dtype)
         return (x2 @ w.T).reshape(*lead, n)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     _launch(packed, MODE_GEMV, y, x2)
