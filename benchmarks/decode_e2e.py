@@ -4,11 +4,12 @@ The real 32-layer Llama-3-8B shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads
 vocabulary 128256, untied LM head) with random weights: Student-t(5) x 0.02 (heavy tails, like
 trained weights), bf16 embeddings and norms. Every linear layer -- fused QKV [6144, 4096], O
 [4096, 4096], fused gate/up [28672, 4096], down [4096, 14336], and the LM head [128256, 4096] --
-runs in one of three forms, each in its own copy of the model on the GPU:
+runs in one of these forms, each in its own copy of the model on the GPU:
 
 * ``bf16``: ``F.linear`` (cuBLAS);
 * ``lut4``: ``hf_optquant.kernels.lut_linear``, 4-bit codes with bf16 block-128 scales
   (random codes: the kernel's speed does not depend on them);
+* ``lut4mma``: the same format in the tensor-core fragment layout (``hf_optquant.kernels.lut_mma``);
 * ``grid``: ``hf_optquant.kernels.grid_linear``, the bf16 weights quantised to the uniform grid
   (channel rms bf16 scales) at ~3.5 stored bits/parameter and entropy coded on the GPU; the
   fused decode-GEMV reads only compressed bytes.
@@ -80,6 +81,27 @@ class LutLinear:
         from hf_optquant.kernels.lut_linear import lut_linear
 
         return lut_linear(x, self.p)
+
+    @property
+    def nbytes(self) -> int:
+        return self.p.nbytes
+
+
+class MmaLinear:
+    """4-bit codes in the tensor-core fragment layout (``lut_mma``), bf16 block-128 scales, random codes."""
+
+    def __init__(self, n: int, k: int, device, gen):
+        from hf_optquant.kernels.lut_mma import pack_mma_weight
+
+        codes = torch.randint(0, 16, (n, k), device=device, generator=gen, dtype=torch.uint8)
+        lut = torch.sort(torch.randn(16, device=device, generator=gen)).values
+        scales = (torch.rand((n, -(-k // 128)), device=device, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
+        self.p = pack_mma_weight(codes, lut, scales.float(), 128)
+
+    def __call__(self, x):
+        from hf_optquant.kernels.lut_mma import mma_linear
+
+        return mma_linear(x, self.p)
 
     @property
     def nbytes(self) -> int:
@@ -314,8 +336,13 @@ def main() -> None:
         except Exception as exc:
             res["lut4_error"] = repr(exc)[:500]
             log("lut4 build failed:", exc)
+    if "lut4mma" in args.variants:
+        shp = shapes(cfg)
+        mlin = {p: [MmaLinear(*shp[p], device, gen) for _ in range(cfg["layers"])] for p in PROJ}
+        mlin["lm_head"] = MmaLinear(*shp["lm_head"], device, gen)
+        models["lut4mma"] = Model(cfg, mlin, embed, norms, device, args.context)
     res["results"] = {}
-    for name in ("bf16", "lut4", "grid"):
+    for name in ("bf16", "lut4", "lut4mma", "grid"):
         if name not in models:
             continue
         try:

@@ -5,7 +5,9 @@ validation; each kernel wants its own layout.  :func:`build_runtime` turns the s
 into one of these, once per device (``QuantLinear`` caches it):
 
 * :class:`LutKernelWeight` -- fixed-length lookup-table codes with block/channel/tensor scales,
-  repacked for the Triton LUT GEMV/GEMM (:mod:`hf_optquant.kernels.lut_linear`);
+  repacked for the Triton kernels: 4-bit codes in tensor-core fragment order
+  (:mod:`hf_optquant.kernels.lut_mma`), other widths (and shapes that layout cannot take) for the LUT
+  GEMV/GEMM (:mod:`hf_optquant.kernels.lut_linear`);
 * :class:`GridKernelWeight` -- uniform-grid indices kept entropy-coded, decoded inside the
   Triton kernels (:mod:`hf_optquant.kernels.grid_linear`);
 * :class:`DeviceParts` -- anything else (sparse outliers, rotations, unusual block sizes): the
@@ -17,6 +19,7 @@ All three hold only codes/scales/tables (a few bits per weight), never a full-pr
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Protocol
 
 import torch
@@ -30,6 +33,9 @@ __all__ = ["RuntimeWeight", "LutKernelWeight", "GridKernelWeight", "DeviceParts"
            "lut_kernel_unsupported"]
 
 LUT_KERNEL_BITS = (2, 3, 4, 5, 6, 8)
+#: 4-bit codes: "mma" = tensor-core fragment layout (:mod:`hf_optquant.kernels.lut_mma`, where the shape
+#: allows it), "planes" = the bit-plane layout of :mod:`hf_optquant.kernels.lut_linear`.
+LUT4_LAYOUT = os.environ.get("HF_OPTQUANT_LUT4_LAYOUT", "mma")
 
 
 class RuntimeWeight(Protocol):
@@ -52,7 +58,10 @@ class LutKernelWeight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import lut_linear
+        from ..kernels.lut_mma import MmaLutWeight, mma_linear
 
+        if isinstance(self.packed, MmaLutWeight):
+            return mma_linear(x, self.packed)
         return lut_linear(x, self.packed)
 
     @property
@@ -128,6 +137,7 @@ def _move_parts(parts: QuantisedParts, device: torch.device) -> QuantisedParts:
 
 def _lut_kernel(fmt: TensorFormat, parts: QuantisedParts, device: torch.device) -> LutKernelWeight:
     from ..kernels import pack_lut_weight
+    from ..kernels.lut_mma import mma_unsupported, pack_mma_weight
 
     rows, cols = parts.codes.shape
     levels = parts.table.numel()
@@ -140,6 +150,8 @@ def _lut_kernel(fmt: TensorFormat, parts: QuantisedParts, device: torch.device) 
     else:  # channel: one scale per row; tensor: one scale for all rows
         block = cols
         scales = scales.expand(rows, 1)
+    if bits == 4 and LUT4_LAYOUT == "mma" and mma_unsupported(4, block, cols) is None:
+        return LutKernelWeight(pack_mma_weight(parts.codes, lut, scales.contiguous(), block, device))
     packed = pack_lut_weight(parts.codes, lut, scales.contiguous(), bits, block, device)
     return LutKernelWeight(packed)
 

@@ -1,0 +1,161 @@
+"""Benchmark of the tensor-core 4-bit GEMV (``hf_optquant.kernels.lut_mma``) on 8B-Llama layer shapes (GPU).
+
+Per case, in one run: bf16 ``F.linear`` (cuBLAS), torch's int4 tinygemm, the bit-plane LUT kernels
+(``lut_linear``, default dispatch) and the fragment-layout kernels (``mma_linear``, default dispatch),
+all timed with CUDA-graph replays rotating over enough weight copies to defeat the L2
+(``kernels.bench_graph``); achieved GB/s of weight bytes and the fraction of the HBM bandwidth measured
+in the same run (device-to-device copy).  First, correctness on the GPU against a float64 reference
+(odd shapes, batches 1-64, bf16 and fp16, block 64 / 128 / per row) and a launch-config sweep at batch 1.
+
+Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/lut_mma.py --out $OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels as KB  # noqa: E402  (loads hf_optquant/kernels as the stand-alone package _hfoq_kernels)
+
+LM = importlib.import_module("_hfoq_kernels.lut_mma")
+log = KB.log
+
+
+def mma_copies(case: KB.Case, n_rot: int) -> list:
+    p = LM.pack_mma_weight(case.codes, case.lut, case.scales, case.block)
+    return [p] + [LM.MmaLutWeight(words=p.words.clone(), lut=p.lut, pairs_bf16=p.pairs_bf16, pairs_f16=p.pairs_f16,
+                                  scales=p.scales.clone(), out_features=p.out_features, in_features=p.in_features,
+                                  scale_block=p.scale_block) for _ in range(n_rot - 1)]  # fmt: skip
+
+
+def check(device) -> list[dict]:
+    """Fused kernel vs float64 on odd shapes, both activation dtypes, three scale granularities."""
+    rows = []
+    for (n, k), block, m, dt in itertools.product([(40, 128), (333, 1008), (1000, 4096)], (64, 128, 0),
+                                                  (1, 3, 8, 11, 16, 33, 64), (torch.bfloat16, torch.float16)):
+        blk = block or k
+        codes, lut, scales = KB.make_weight(n, k, 4, blk, device, seed=n + m)
+        p = LM.pack_mma_weight(codes, lut, scales, blk)
+        x = torch.randn(m, k, device=device, dtype=dt)
+        ref = KB.lut_linear_reference(x.double(), codes, lut.double(), scales.double(), blk)
+        for split in (None, 1, 3):
+            y = LM.mma_linear(x, p, path="mma", split_k=split)
+            rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split=split, rel_err=KB.rel_err(y, ref)))
+        yd = LM.mma_linear(x, p, path="dequant")
+        rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split="dequant", rel_err=KB.rel_err(yd, ref)))
+        exact = torch.equal(LM.mma_reference_codes(p), codes)
+        rows[-1]["codes_round_trip"] = exact
+    bad = [r for r in rows if not r["rel_err"] < 1e-2 or r.get("codes_round_trip") is False]
+    log(f"checks: {len(rows)} cases, {len(bad)} failures; worst rel_err {max(r['rel_err'] for r in rows):.2e}")
+    for r in bad[:10]:
+        log("  FAIL", r)
+    return rows
+
+
+def sweep(device, hbm, shapes, block) -> list[dict]:
+    out = []
+    grid = dict(NW=(4, 8), AHEAD=(1, 2), COPIES=(8, 32), PER_SM=(2, 4, 8))
+    for n, k in shapes:
+        case = KB.Case(n, k, 4, block, device, peers=False)
+        packs = mma_copies(case, case.n_rot)
+        x = case.x(1)
+        best = None
+        for vals in itertools.product(*grid.values()):
+            cfg = dict(zip(grid, vals, strict=True))
+            t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg), case.n_rot)
+            rec = dict(n=n, k=k, m=1, config=cfg, time_us=t, pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm)
+            out.append(rec)
+            best = rec if best is None or t < best["time_us"] else best
+        log(f"sweep {n}x{k}: best {best['time_us']:.1f} us {best['pct_hbm']:.0f}% HBM {best['config']}")
+        case = packs = None  # free before the next shape
+        torch.cuda.empty_cache()
+    return out
+
+
+def table(device, hbm, shapes, batches, block) -> list[dict]:
+    out = []
+    for n, k in shapes:
+        case = KB.Case(n, k, 4, block, device, peers=True)
+        packs = mma_copies(case, case.n_rot)
+        for m in batches:
+            x = case.x(m)
+            ref = case.ref(x)
+            rec = dict(n=n, k=k, m=m, block=block, mma_bytes=packs[0].nbytes, planes_bytes=case.wbytes)
+            rec["bf16_us"] = case.t_bf16(x)
+            rec["tinygemm_us"] = case.t_tinygemm(x)
+            planes = case.packs
+            rec["planes_us"] = KB.bench_graph(lambda i, x=x, ps=planes: KB.LL.lut_linear(x, ps[i]), case.n_rot)
+            rec["mma_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i]), case.n_rot)
+            rec["mma_rel_err"] = KB.rel_err(LM.mma_linear(x, packs[0]), ref)
+            rec["mma_path"] = "mma" if m <= LM.MMA_MAX_M else "dequant"
+            t = rec["mma_us"]
+            rec["mma_pct_hbm"] = 100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm
+            rec["x_bf16"] = rec["bf16_us"] / t
+            rec["x_planes"] = rec["planes_us"] / t
+            rec["x_tinygemm"] = rec["tinygemm_us"] / t if rec["tinygemm_us"] else None
+            out.append(rec)
+            log(json.dumps({a: (round(b, 3) if isinstance(b, float) else b) for a, b in rec.items()}))
+        case = packs = None  # free before the next shape
+        torch.cuda.empty_cache()
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| shape (N x K) | M | path | bf16 us | tinygemm us | planes us | mma us | % HBM | x bf16 | x planes |"
+          " x tinygemm | rel err |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tg = f"{r['x_tinygemm']:.2f}" if r["x_tinygemm"] else "-"
+        tgu = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "-"
+        print(f"| {r['n']}x{r['k']} | {r['m']} | {r['mma_path']} | {r['bf16_us']:.1f} | {tgu} | {r['planes_us']:.1f} "
+              f"| {r['mma_us']:.1f} | {r['mma_pct_hbm']:.0f} | {r['x_bf16']:.2f} | {r['x_planes']:.2f} | {tg} "
+              f"| {r['mma_rel_err']:.1e} |")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    ap.add_argument("--parts", nargs="+", default=["check", "sweep", "table"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64, 256])
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--config", default=None, help="JSON dict merged into MMA_DEFAULT before the table")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda")
+    KB.T0 = time.time()
+    KB.L2_BYTES = torch.cuda.get_device_properties(0).L2_cache_size
+    res = dict(argv=sys.argv, device=torch.cuda.get_device_name(), torch=torch.__version__)
+    hbm = KB.measure_hbm(device)
+    res["hbm_GBps"] = hbm
+    log(f"HBM copy bandwidth {hbm:.0f} GB/s")
+    if args.config:
+        LM.MMA_DEFAULT.update(json.loads(args.config))
+    path = os.path.join(args.out, "lut_mma.json")
+
+    def save():
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+
+    if "check" in args.parts:
+        res["checks"] = check(device)
+        save()
+    if "sweep" in args.parts:
+        res["sweep"] = sweep(device, hbm, KB.SHAPES, args.block)
+        save()
+    if "table" in args.parts:
+        res["table"] = table(device, hbm, KB.SHAPES, args.batches, args.block)
+        save()
+        print_table(res["table"])
+    log(f"done in {time.time() - KB.T0:.0f} s; MMA_DEFAULT {LM.MMA_DEFAULT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,631 @@
+# ruff: noqa: SIM108  (kernels keep static if/else blocks: clearer in Triton)
+"""Tensor-core decode GEMV for 4-bit lookup-table weights: codes stored in ``mma.sync`` fragment order.
+
+Why a second 4-bit layout.  The CUDA-core GEMV of :mod:`.lut_linear` spends ~4.7 instructions per
+code (extract, table read, two converts, two FMAs per pair) and is issue-bound below the HBM rate
+(Nsight Compute, benchmarks/kernels_notes.md).  Here the multiply-adds go to the tensor cores: one
+32-bit word of codes is exactly one thread's share of the A operand of ``mma.m16n8k16`` (16 weight
+rows x 16 k), so per word a thread does four pair-table reads and one ``mma`` -- about 2
+instructions per code -- and batches of up to 8 activation rows (16 with two B tiles) cost the same
+decode as one.
+
+Layout (:class:`MmaLutWeight`)
+------------------------------
+Rows come in *tiles* of 16, K in *groups* of 64 (both zero-padded).  ``words`` is int32
+``[n_tiles, n_groups, 32, 4]``: word ``j`` of lane ``l = 4 g + c`` (``g < 8``, ``c < 4``) of group
+``q`` holds 8 codes in 4 bytes; byte ``b = h + 2 e`` holds the two codes (low nibble first) of row
+``16 tile + 8 h + g`` at ``k = 64 q + 16 c + 4 j + 2 e + {0, 1}``.  Read as an A fragment of the
+j-th k16 step, the fragment column ``2c + i`` (``i < 2``) stands for ``k = 64q + 16c + 4j + i`` and
+column ``2c + 8 + i`` for ``k = 64q + 16c + 4j + 2 + i``: the k order inside a group is permuted, the
+same way for the activations, so that lane ``(g, c)`` reads the 16 *consecutive* activations
+``x[m, 64q + 16c : 64q + 16c + 16]`` and hands four of them to each k16 step's B fragment
+(batch row ``m = g``).  A lane's four words are contiguous (one 16-byte load per group).
+
+A byte indexes a 256-entry *pair table* ``(lut[lo], lut[hi])`` rounded to bf16 (fp16 for fp16
+activations), which is an A-fragment register as it stands.  The kernel keeps it in shared memory in
+``COPIES`` copies (copy ``lane % COPIES`` in its own banks: 32 copies never conflict).  Scales
+(per row and block of ``64 * SG`` columns, or per row) multiply the fp32 accumulators once per
+block; the bf16 table rounding (2**-9 relative) is the rounding a bf16 weight has anyway.
+
+Kernels
+-------
+* ``_mma_gemv_kernel`` -- batch tiles of 8 or 16 rows of x (``MT`` = 1 or 2 B tiles per A
+  fragment; more rows run more programs along the grid's batch axis, which re-read the codes from
+  L2), split-K with the deterministic partial sums of :mod:`.lut_linear`.  Under
+  ``TRITON_INTERPRET=1`` the inline PTX (table reads, ``mma``, vector loads) is replaced by Triton
+  code that emulates it lane by lane (``_mma_emulated``), so CPU tests run the kernel's indexing.
+* ``_mma_dequant_kernel`` -- the dense weight (larger batches: dequantise + cuBLAS, and fp32 x).
+
+:func:`mma_reference_codes` inverts the layout in torch (the reference the tests use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+
+import torch
+
+from .common import HAS_TRITON, StrictLaunch, scratch_weight, tl, use_triton
+from .common import cdiv as _cdiv
+from .common import interpret_mode as _interpret_mode
+from .reference import dequantize_reference
+
+__all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mma_unsupported", "pack_mma_weight",
+           "dequantize_mma"]  # fmt: skip
+
+#: Largest batch the fused kernel serves (in programs of 16 rows); larger batches dequantise + cuBLAS.
+MMA_MAX_M = 64
+#: Launch defaults: warps per program (one 16-row tile each), groups loaded ahead, table copies,
+#: programs per SM the split-K heuristic aims for.
+MMA_DEFAULT = {"NW": 4, "AHEAD": 2, "COPIES": 32, "PER_SM": 6}
+DEQUANT_CONFIG = {"BN": 32, "num_warps": 4}
+TILE_ROWS, GROUP_K = 16, 64
+
+
+# --------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MmaLutWeight:
+    """A 4-bit LUT weight ``W[n, k] = lut[code] * scales[n, k // scale_block]`` in fragment order."""
+
+    words: torch.Tensor  # int32 [n_tiles, n_groups, 32, 4]
+    lut: torch.Tensor  # float32 [16]
+    pairs_bf16: torch.Tensor  # int32 [256]: (bf16 lut[e & 15]) | (bf16 lut[e >> 4]) << 16
+    pairs_f16: torch.Tensor | None  # the same in fp16; None when the table leaves fp16's normal range
+    scales: torch.Tensor  # bf16 / fp16 / fp32 [N, n_blocks]
+    out_features: int
+    in_features: int
+    scale_block: int  # columns per scale (in_features for one scale per row)
+    _launch_cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def n_groups(self) -> int:
+        return self.words.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device (codes, scales and tables)."""
+        ts = (self.words, self.lut, self.pairs_bf16, self.pairs_f16, self.scales)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def to(self, device) -> MmaLutWeight:
+        moved = {f: getattr(self, f).to(device) for f in ("words", "lut", "pairs_bf16", "scales")}
+        pf = None if self.pairs_f16 is None else self.pairs_f16.to(device)
+        return dataclasses.replace(self, pairs_f16=pf, **moved)
+
+
+def mma_unsupported(bits: int, block_size: int, in_features: int) -> str | None:
+    """Why a weight cannot take the fragment layout (None when it can)."""
+    if bits != 4:
+        return f"bits={bits} (the fragment layout holds 4-bit codes)"
+    if in_features % 16:
+        return f"in_features={in_features} is not a multiple of 16 (16-byte activation loads)"
+    if block_size < in_features and block_size % GROUP_K:
+        return f"block_size={block_size} is neither a multiple of {GROUP_K} nor the whole row"
+    return None
+
+
+def _pair_table(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bits = lut.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    e = torch.arange(256)
+    pair = bits[e & 15] | (bits[e >> 4] << 16)
+    return torch.where(pair >= 2**31, pair - 2**32, pair).to(torch.int32)
+
+
+def _fits_f16(lut: torch.Tensor) -> bool:
+    mag = lut.abs()
+    mag = mag[mag > 0]
+    return bool(mag.numel() == 0 or (mag.min() >= 2.0**-14 and mag.max() <= 65504))
+
+
+def _lossless_scales(scales: torch.Tensor) -> torch.Tensor:
+    for dt in (torch.bfloat16, torch.float16):
+        if torch.equal(scales.to(dt).to(torch.float32), scales):
+            return scales.to(dt)
+    return scales
+
+
+def fragment_words(codes: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n_tiles, n_groups, 32, 4]`` words of 4-bit ``codes [N, K]`` (layout: module docstring)."""
+    n, k = codes.shape
+    nt, ng = _cdiv(n, TILE_ROWS), _cdiv(k, GROUP_K)
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, ng * GROUP_K - k, 0, nt * TILE_ROWS - n))
+    # [tile, h, g, q, c, j, e, i]: row = 16 tile + 8 h + g, k = 64 q + 16 c + 4 j + 2 e + i
+    c = c.view(nt, 2, 8, ng, 4, 4, 2, 2)
+    byte = c[..., 0] | (c[..., 1] << 4)  # [tile, h, g, q, c, j, e]
+    two = torch.arange(2, device=c.device)
+    shift = 8 * (2 * two.view(2, 1) + two.view(1, 2))  # [e, h]: byte h + 2 e
+    word = (byte.permute(0, 3, 2, 4, 5, 6, 1) << shift).sum(dim=(-2, -1))  # [tile, q, g, c, j]
+    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return word.reshape(nt, ng, 32, 4).contiguous()
+
+
+def mma_reference_codes(p: MmaLutWeight) -> torch.Tensor:
+    """The ``[N, K]`` codes of a fragment-layout weight (torch inverse of :func:`fragment_words`)."""
+    w = p.words.to(torch.int64) & 0xFFFFFFFF
+    nt, ng = p.n_tiles, p.n_groups
+    w = w.view(nt, ng, 8, 4, 4)  # [tile, q, g, c, j]
+    h = torch.arange(2, device=w.device).view(2, 1, 1)
+    e = torch.arange(2, device=w.device).view(1, 2, 1)
+    i = torch.arange(2, device=w.device).view(1, 1, 2)
+    shift = 8 * (h + 2 * e) + 4 * i  # [h, e, i]
+    codes = (w[..., None, None, None] >> shift) & 15  # [tile, q, g, c, j, h, e, i]
+    codes = codes.permute(0, 5, 2, 1, 3, 4, 6, 7).reshape(nt * TILE_ROWS, ng * GROUP_K)
+    return codes[: p.out_features, : p.in_features].to(torch.uint8)
+
+
+def pack_mma_weight(codes: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor, block_size: int,
+                    device=None) -> MmaLutWeight:  # fmt: skip
+    """4-bit ``codes [N, K]`` with ``lut [16]`` and ``scales [N, ceil(K / block_size)]`` in fragment order.
+
+    Scales are kept in bf16 or fp16 where that is lossless, else float32.  Raises ValueError for
+    shapes :func:`mma_unsupported` rejects, codes out of range or mismatched scales.
+    """
+    if codes.dim() != 2 or codes.numel() == 0:
+        raise ValueError(f"codes must be a non-empty 2-D [N, K] tensor, got shape {tuple(codes.shape)}")
+    n, k = codes.shape
+    why = mma_unsupported(4, block_size, k)
+    if why:
+        raise ValueError(f"fragment layout unsupported: {why}")
+    if lut.numel() != 16:
+        raise ValueError(f"lut must have 16 entries, got {lut.numel()}")
+    n_blocks = _cdiv(k, block_size)
+    if tuple(scales.shape) != (n, n_blocks):
+        raise ValueError(f"scales must have shape [N, ceil(K / block_size)] = {[n, n_blocks]}, got "
+                         f"{list(scales.shape)}")  # fmt: skip
+    device = torch.device(device) if device is not None else codes.device
+    codes = codes.to(device)
+    if int(codes.min()) < 0 or int(codes.max()) > 15:
+        raise ValueError("codes must lie in [0, 16)")
+    lut32 = lut.detach().to("cpu", torch.float32).reshape(16)
+    return MmaLutWeight(
+        words=fragment_words(codes),
+        lut=lut32.to(device),
+        pairs_bf16=_pair_table(lut32, torch.bfloat16).to(device),
+        pairs_f16=_pair_table(lut32, torch.float16).to(device) if _fits_f16(lut32) else None,
+        scales=_lossless_scales(scales.detach().to(device, torch.float32)).contiguous(),
+        out_features=n,
+        in_features=k,
+        scale_block=min(block_size, k),
+    )
+
+
+def dequantize_mma(p: MmaLutWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[N, K]`` weight (torch reference)."""
+    return dequantize_reference(mma_reference_codes(p), p.lut, p.scales.float(), p.scale_block, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels.  Helpers are plain functions: compiled kernels see them as JITFunctions (module
+# globals set below), the interpreter runs a copy of the kernel whose globals map them back.
+# --------------------------------------------------------------------------------------
+
+_CONSTEXPR = tl.constexpr if HAS_TRITON else str
+_TABLE_DECL = _CONSTEXPR(".shared .align 16 .b8 hfoq_mma_tbl[32768];\n\tmov.u32 $0, hfoq_mma_tbl;")
+
+
+def _lookup_asm(sh: int) -> str:
+    """Four pair-table reads for the bytes of word $4; $5 = this lane's copy offset."""
+    mask = 255 << sh
+    parts = ["{ .reg .u32 t, o0, o1, o2, o3; mov.u32 t, hfoq_mma_tbl;"]
+    for b in range(4):  # (shifted & mask) | lane offset is one LOP3; ptxas folds the symbol into LDS [R+UR]
+        d = 8 * b - sh
+        op = f"shl.b32 o{b}, $4, {-d};" if d < 0 else f"shr.u32 o{b}, $4, {d};"
+        parts.append(f" {op} and.b32 o{b}, o{b}, {mask}; or.b32 o{b}, o{b}, $5; add.u32 o{b}, o{b}, t;")
+    parts.append(" ld.shared.b32 $0, [o0]; ld.shared.b32 $1, [o1]; ld.shared.b32 $2, [o2]; ld.shared.b32 $3, [o3]; }")
+    return "".join(parts)
+
+
+_LOOKUP8 = _CONSTEXPR(_lookup_asm(5))  # 8 copies: entry e, copy l at (8 e + l) * 4
+_LOOKUP32 = _CONSTEXPR(_lookup_asm(7))  # 32 copies
+_MMA_BF16 = _CONSTEXPR("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+                       "{$10,$11,$12,$13};")  # fmt: skip
+_MMA_F16 = _CONSTEXPR("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+                      "{$10,$11,$12,$13};")  # fmt: skip
+_WORDS_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0;"
+                        " mov.b32 $3, 0; @p ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4]; }")  # fmt: skip
+_XPAIR_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0;"
+                        " @p ld.global.nc.v2.b32 {$0, $1}, [$2]; }")  # fmt: skip
+
+
+def _words(w_lane, q, ok, ASM: tl.constexpr):
+    """The four code words of group ``q`` of this lane (zero where not ``ok``)."""
+    p = w_lane + q * 128
+    if ASM:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(_WORDS_ASM, "=r,=r,=r,=r,l,r", [p, ok.to(tl.int32)],
+                                                   dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
+    else:
+        w0 = tl.load(p, mask=ok, other=0)
+        w1 = tl.load(p + 1, mask=ok, other=0)
+        w2 = tl.load(p + 2, mask=ok, other=0)
+        w3 = tl.load(p + 3, mask=ok, other=0)
+    return w0, w1, w2, w3
+
+
+def _xpair(x_lane, k, ok, ASM: tl.constexpr):
+    """B fragment of a k16 step: bf16/fp16 pairs ``x[k, k + 1]`` and ``x[k + 2, k + 3]`` (zero where not ``ok``)."""
+    p = x_lane + k
+    if ASM:
+        b0, b1 = tl.inline_asm_elementwise(_XPAIR_ASM, "=r,=r,l,r", [p, ok.to(tl.int32)], dtype=(tl.int32, tl.int32),
+                                           is_pure=True, pack=1)  # fmt: skip
+    else:
+        v0 = tl.load(p, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        v1 = tl.load(p + 1, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        v2 = tl.load(p + 2, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        v3 = tl.load(p + 3, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b0 = v0 | (v1 << 16)
+        b1 = v2 | (v3 << 16)
+    return b0, b1
+
+
+def _lookup(w, lane_off, tab_ptr, ASM: tl.constexpr, COPIES: tl.constexpr):
+    """A fragment of one code word: the pair-table entries of its four bytes."""
+    if ASM:
+        if COPIES == 32:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(_LOOKUP32, "=r,=r,=r,=r,r,r", [w, lane_off],
+                                                       dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
+        else:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(_LOOKUP8, "=r,=r,=r,=r,r,r", [w, lane_off],
+                                                       dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
+    else:
+        a0 = tl.load(tab_ptr + (w & 255))
+        a1 = tl.load(tab_ptr + ((w >> 8) & 255))
+        a2 = tl.load(tab_ptr + ((w >> 16) & 255))
+        a3 = tl.load(tab_ptr + ((w >> 24) & 255))
+    return a0, a1, a2, a3
+
+
+def _half(v, HI: tl.constexpr, F16: tl.constexpr):
+    """One 16-bit half of packed pairs as fp32 (interpreter emulation)."""
+    if HI:
+        h = (v >> 16) & 0xFFFF
+    else:
+        h = v & 0xFFFF
+    if F16:
+        return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return (h << 16).to(tl.float32, bitcast=True)
+
+
+def _emu_part(a, b, NW: tl.constexpr, F16: tl.constexpr):
+    """``P[w, g, n] = sum over lanes c and halves i of A_i[w, g, c] * B_i[w, n, c]`` (one A register)."""
+    p = tl.zeros([NW, 8, 8], dtype=tl.float32)
+    for i in tl.static_range(2):
+        ai = tl.reshape(_half(a, i, F16), [NW, 8, 4])
+        bi = tl.reshape(_half(b, i, F16), [NW, 8, 4])
+        p += tl.sum(ai[:, :, None, :] * bi[:, None, :, :], axis=3)
+    return p
+
+
+def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, F16: tl.constexpr):
+    """``mma.m16n8k16`` of every warp, element ``32 w + l`` being lane ``l`` of warp ``w``: rows g (a0: columns
+    2c + i, a2: 2c + 8 + i) and g + 8 (a1, a3), B rows 2c + i (b0) and 2c + 8 + i (b1) of column g; outputs
+    (row g, columns 2c, 2c + 1), (row g + 8, the same)."""
+    NT: tl.constexpr = 32 * NW
+    top = _emu_part(a0, b0, NW, F16) + _emu_part(a2, b1, NW, F16)
+    bot = _emu_part(a1, b0, NW, F16) + _emu_part(a3, b1, NW, F16)
+    t0, t1 = tl.split(tl.reshape(top, [NW, 8, 4, 2]))
+    u0, u1 = tl.split(tl.reshape(bot, [NW, 8, 4, 2]))
+    return (c0 + tl.reshape(t0, [NT]), c1 + tl.reshape(t1, [NT]), c2 + tl.reshape(u0, [NT]),
+            c3 + tl.reshape(u1, [NT]))  # fmt: skip
+
+
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+    """``C += A @ B`` for one warp-wide 16x16 by 16x8 tile (fp32 accumulate)."""
+    if ASM:
+        if F16:
+            d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                _MMA_F16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                dtype=(tl.float32,) * 4, is_pure=True, pack=1)  # fmt: skip
+        else:
+            d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                _MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                dtype=(tl.float32,) * 4, is_pure=True, pack=1)  # fmt: skip
+    else:
+        d0, d1, d2, d3 = _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW, F16)
+    return d0, d1, d2, d3
+
+
+def _fill_table(tab_ptr, t, NT: tl.constexpr, COPIES: tl.constexpr):
+    """Copy the 256-entry pair table into shared memory, ``COPIES`` interleaved copies."""
+    decl = tl.inline_asm_elementwise(_TABLE_DECL, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                                     pack=1)  # fmt: skip
+    sym = tl.sum(decl, 0)
+    for it in range(0, 256 * COPIES // NT):
+        idx = it * NT + t
+        v = tl.load(tab_ptr + idx // COPIES)
+        tl.inline_asm_elementwise("st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [sym + idx * 4, v],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    tl.debug_barrier()
+
+
+def _store_out(y_ptr, ws_ptr, d0, d1, d2, d3, m0, row_a, M, N, stride_ym, pid_k, SPLIT: tl.constexpr):
+    """Write one 16x8 output tile (rows of W are features n, columns batch rows m0 and m0 + 1)."""
+    ok_a = (row_a < N) & (m0 < M)
+    ok_b = (row_a + 8 < N) & (m0 < M)
+    ok_c = (row_a < N) & (m0 + 1 < M)
+    ok_d = (row_a + 8 < N) & (m0 + 1 < M)
+    o = m0.to(tl.int64) * stride_ym + row_a
+    if SPLIT:
+        part = ws_ptr + pid_k * (M * N) + m0 * N + row_a
+        tl.store(part, d0, mask=ok_a)
+        tl.store(part + N, d1, mask=ok_c)
+        tl.store(part + 8, d2, mask=ok_b)
+        tl.store(part + N + 8, d3, mask=ok_d)
+    else:
+        dt = y_ptr.dtype.element_ty
+        tl.store(y_ptr + o, d0.to(dt), mask=ok_a)
+        tl.store(y_ptr + o + stride_ym, d1.to(dt), mask=ok_c)
+        tl.store(y_ptr + o + 8, d2.to(dt), mask=ok_b)
+        tl.store(y_ptr + o + stride_ym + 8, d3.to(dt), mask=ok_d)
+
+
+def _reduce_out(y_ptr, ws_ptr, m0, row_a, M, N, stride_ym, n_split):
+    """Sum the split-K partials of one 16x8 output tile in a fixed order and write it."""
+    dt = y_ptr.dtype.element_ty
+    o = m0.to(tl.int64) * stride_ym + row_a
+    for r in tl.static_range(2):
+        for h in tl.static_range(2):
+            ok = (row_a + 8 * h < N) & (m0 + r < M)
+            tot = tl.zeros(row_a.shape, dtype=tl.float32)
+            for i in range(n_split):
+                tot += tl.load(ws_ptr + i * (M * N) + (m0 + r) * N + row_a + 8 * h, mask=ok, other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+            tl.store(y_ptr + o + r * stride_ym + 8 * h, tot.to(dt), mask=ok)
+
+
+def _mma_gemv_kernel(
+    x_ptr, w_ptr, tab_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
+    SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, AHEAD: tl.constexpr,
+    COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w, which owns
+    # the 16-row tile pid_n * NW + w.  A program covers K units (of SG groups) [u_lo, u_hi).
+    NT: tl.constexpr = 32 * NW
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    t = tl.arange(0, NT)
+    lane = t % 32
+    g = lane // 4
+    c = lane % 4
+    tile = pid_n * NW + t // 32
+    tile_ok = tile < n_tiles
+    row_a = tile * 16 + g  # rows of a0/d0 (row_a + 8: a1/d2)
+    ups = tl.cdiv(n_units, n_split)
+    u_lo = pid_k * ups
+    u_hi = tl.minimum(u_lo + ups, n_units)
+    q_hi = tl.minimum(u_hi * SG, n_groups)
+    w_lane = w_ptr + tile.to(tl.int64) * (n_groups * 128) + lane * 4
+    m_a = pid_m * (8 * MT) + g  # batch row of this lane's B fragment (tile 0; tile 1: + 8)
+    x_a = x_ptr + m_a.to(tl.int64) * stride_xm + 16 * c
+    x_b = x_a + 8 * stride_xm
+    ok_a = m_a < M
+    ok_b = (m_a + 8) < M
+    lane_off = (lane % COPIES) * 4
+    if ASM:
+        _fill_table(tab_ptr, t, NT, COPIES)
+
+    q0 = u_lo * SG
+    zi = t * 0
+    w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (zi + q0 < q_hi), ASM)
+    if AHEAD == 2:
+        v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (zi + q0 + 1 < q_hi), ASM)
+    zero = tl.zeros([NT], dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # batch tile 0 (MT = 2: also tile 1 below)
+    bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero
+    for u in range(u_lo, u_hi):
+        # two accumulator sets: B tiles 0 / 1 (MT = 2), or even / odd k16 steps (MT = 1)
+        e0, e1, e2, e3 = zero, zero, zero, zero
+        f0, f1, f2, f3 = zero, zero, zero, zero
+        for s in tl.static_range(SG):
+            q = u * SG + s
+            n0, n1, n2, n3 = _words(w_lane, q + AHEAD, tile_ok & (zi + q + AHEAD < q_hi), ASM)
+            kq = q * 64
+            kok = (zi + kq + 16 * c) < K
+            for j in tl.static_range(4):
+                if j == 0:
+                    wj = w0
+                elif j == 1:
+                    wj = w1
+                elif j == 2:
+                    wj = w2
+                else:
+                    wj = w3
+                a0, a1, a2, a3 = _lookup(wj, lane_off, tab_ptr, ASM, COPIES)
+                b0, b1 = _xpair(x_a, kq + 4 * j, ok_a & kok, ASM)
+                if MT == 2:
+                    e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b0, b1, e0, e1, e2, e3, NW, F16, ASM)
+                    b0, b1 = _xpair(x_b, kq + 4 * j, ok_b & kok, ASM)
+                    f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b0, b1, f0, f1, f2, f3, NW, F16, ASM)
+                elif j % 2 == 0:
+                    e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b0, b1, e0, e1, e2, e3, NW, F16, ASM)
+                else:
+                    f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b0, b1, f0, f1, f2, f3, NW, F16, ASM)
+            if AHEAD == 2:
+                w0, w1, w2, w3 = v0, v1, v2, v3
+                v0, v1, v2, v3 = n0, n1, n2, n3
+            else:
+                w0, w1, w2, w3 = n0, n1, n2, n3
+        if MT == 1:
+            e0, e1, e2, e3 = e0 + f0, e1 + f1, e2 + f2, e3 + f3
+        if ROW_SCALE:
+            acc0, acc1, acc2, acc3 = acc0 + e0, acc1 + e1, acc2 + e2, acc3 + e3
+            if MT == 2:
+                bcc0, bcc1, bcc2, bcc3 = bcc0 + f0, bcc1 + f1, bcc2 + f2, bcc3 + f3
+        else:
+            sa = tl.load(s_ptr + row_a.to(tl.int64) * lds + u, mask=row_a < N, other=0.0).to(tl.float32)
+            sb = tl.load(s_ptr + (row_a + 8).to(tl.int64) * lds + u, mask=row_a + 8 < N, other=0.0).to(tl.float32)
+            acc0, acc1, acc2, acc3 = acc0 + e0 * sa, acc1 + e1 * sa, acc2 + e2 * sb, acc3 + e3 * sb
+            if MT == 2:
+                bcc0, bcc1, bcc2, bcc3 = bcc0 + f0 * sa, bcc1 + f1 * sa, bcc2 + f2 * sb, bcc3 + f3 * sb
+    if ROW_SCALE:
+        sa = tl.load(s_ptr + row_a.to(tl.int64) * lds, mask=row_a < N, other=0.0).to(tl.float32)
+        sb = tl.load(s_ptr + (row_a + 8).to(tl.int64) * lds, mask=row_a + 8 < N, other=0.0).to(tl.float32)
+        acc0, acc1, acc2, acc3 = acc0 * sa, acc1 * sa, acc2 * sb, acc3 * sb
+        bcc0, bcc1, bcc2, bcc3 = bcc0 * sa, bcc1 * sa, bcc2 * sb, bcc3 * sb
+
+    # lane (g, c) holds outputs (feature row_a / row_a + 8, batch rows m0 / m0 + 1)
+    m0 = pid_m * (8 * MT) + 2 * c
+    _store_out(y_ptr, ws_ptr, acc0, acc1, acc2, acc3, m0, row_a, M, N, stride_ym, pid_k, SPLIT)
+    if MT == 2:
+        _store_out(y_ptr, ws_ptr, bcc0, bcc1, bcc2, bcc3, m0 + 8, row_a, M, N, stride_ym, pid_k, SPLIT)
+    if SPLIT:
+        tl.debug_barrier()
+        tile_id = pid_m * tl.num_programs(0) + pid_n
+        done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if done == n_split - 1:
+            _reduce_out(y_ptr, ws_ptr, m0, row_a, M, N, stride_ym, n_split)
+            if MT == 2:
+                _reduce_out(y_ptr, ws_ptr, m0 + 8, row_a, M, N, stride_ym, n_split)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)
+
+
+def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK, BN: tl.constexpr):
+    """Dense ``[BN, 64]`` tiles of the weight in ``o_ptr``'s dtype (each word read by its 8 codes' threads)."""
+    r = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
+    k = tl.program_id(1) * 64 + tl.arange(0, 64)[None, :]
+    ok = (r < N) & (k < K)
+    tile = r // 16
+    h = (r % 16) // 8
+    g = r % 8
+    c = (k % 64) // 16
+    j = (k % 16) // 4
+    e = (k % 4) // 2
+    word = ((tile.to(tl.int64) * n_groups + k // 64) * 32 + g * 4 + c) * 4 + j
+    shift = 8 * (h + 2 * e) + 4 * (k % 2)
+    code = (tl.load(w_ptr + word, mask=ok, other=0) >> shift) & 15
+    v = tl.load(lut_ptr + code) * tl.load(s_ptr + r.to(tl.int64) * lds + k // SBK, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr + r.to(tl.int64) * K + k, v.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+_HELPERS = ("_words", "_xpair", "_lookup", "_half", "_emu_part", "_mma_emulated", "_mma", "_fill_table", "_store_out",
+            "_reduce_out")  # fmt: skip
+_PLAIN = {name: globals()[name] for name in _HELPERS}
+if HAS_TRITON:
+    from triton.runtime.jit import JITFunction as _JITFunction
+
+    for _name in _HELPERS:
+        globals()[_name] = _JITFunction(_PLAIN[_name])
+
+
+def _rebind(fn, glb):
+    copy = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+@functools.cache
+def _kernel(fn, interpret: bool):
+    """``fn`` jitted, or interpreted with the plain helpers (strict about keyword arguments)."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        glb = dict(fn.__globals__)
+        glb.update({name: _rebind(f, glb) for name, f in _PLAIN.items()})
+        return StrictLaunch(InterpretedFunction(_rebind(fn, glb)), fn)
+    return _JITFunction(fn)
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+
+
+def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
+    from .lut_linear import _choose_split, _workspace
+
+    cfg = dict(MMA_DEFAULT, **(config or {}))
+    m, k = x2.shape
+    n = p.out_features
+    f16 = x2.dtype == torch.float16
+    mt = 1 if m <= 8 else 2
+    m_tiles = _cdiv(m, 8 * mt)
+    nw = cfg["NW"]
+    row_progs = _cdiv(p.n_tiles, nw)
+    row_scale = p.scales.shape[1] == 1
+    sg = 1 if row_scale else p.scale_block // GROUP_K
+    n_units = _cdiv(p.n_groups, sg)
+    if split_k is None:
+        split_k = _choose_split(row_progs * m_tiles, n_units, x2.device, per_sm=cfg["PER_SM"])
+    split_k = max(1, min(int(split_k), n_units))
+    split_k = _cdiv(n_units, _cdiv(n_units, split_k))  # no empty slices
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    ws, cnt = _workspace(x2.device, split_k * m * n if split_k > 1 else 1, row_progs * m_tiles)
+    _kernel(_mma_gemv_kernel, interpret)[(row_progs, m_tiles, split_k)](
+        x2, p.words, p.pairs_f16 if f16 else p.pairs_bf16, p.scales, y, ws, cnt,
+        m, n, k, x2.stride(0), y.stride(0), p.scales.stride(0), p.n_tiles, p.n_groups, n_units, split_k,
+        SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
+        ASM=not interpret, SPLIT=split_k > 1, num_warps=nw, num_stages=1,
+    )  # fmt: skip
+    return y
+
+
+def decode_mma_weight(p: MmaLutWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight on ``p``'s device (Triton kernel where it runs, else the torch reference)."""
+    n, k = p.out_features, p.in_features
+    if not use_triton(p.words):
+        return dequantize_mma(p, dtype).to(p.device)
+    out = scratch_weight(p.device, n, k, dtype)
+    bn = DEQUANT_CONFIG["BN"]
+    interpret = p.device.type != "cuda" or _interpret_mode()
+    sbk = p.scale_block if p.scales.shape[1] > 1 else max(k, 1)
+    _kernel(_mma_dequant_kernel, interpret)[(_cdiv(n, bn), _cdiv(k, GROUP_K))](
+        p.words, p.lut, p.scales, out, n, k, p.n_groups, p.scales.stride(0), sbk,
+        BN=bn, num_warps=DEQUANT_CONFIG["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, split_k: int | None = None,
+               config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """``y = x @ W.T`` for a fragment-layout weight; ``x`` is ``[..., K]`` in bf16/fp16/fp32.
+
+    ``path``: ``"mma"`` (fused tensor-core GEMV, bf16/fp16 x), ``"dequant"`` (dense weight into a
+    reused scratch buffer, then ``torch.matmul``), ``"torch"`` (reference).  Default: ``mma`` up to
+    ``MMA_MAX_M`` rows of bf16/fp16 x, ``dequant`` otherwise; ``torch`` without Triton.
+    ``split_k`` / ``config`` override the K slices and the launch defaults (``MMA_DEFAULT``).
+    """
+    k, n = p.in_features, p.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if path not in (None, "mma", "dequant", "torch"):
+        raise ValueError(f"path must be 'mma', 'dequant', 'torch' or None, got {path!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    if x2.device != p.device:
+        raise ValueError(f"packed weight is on {p.device}, x on {x2.device}")
+    if path == "torch" or not use_triton(x2):
+        return (x2.float() @ dequantize_mma(p).to(x2.device).T).to(x.dtype).reshape(*lead, n)
+    fused_ok = x2.dtype == torch.bfloat16 or (x2.dtype == torch.float16 and p.pairs_f16 is not None)
+    if path is None:
+        path = "mma" if fused_ok and m <= MMA_MAX_M else "dequant"
+    if path == "mma" and not fused_ok:
+        raise ValueError(f"path='mma' needs bf16 activations (or fp16 with a table in fp16 range), got {x2.dtype}")
+    interpret = not x2.is_cuda or _interpret_mode()
+    if path == "dequant":
+        y = x2 @ decode_mma_weight(p, x2.dtype).T
+    else:
+        y = _launch_gemv(x2, p, interpret, split_k, config)
+    return y.reshape(*lead, n)
