@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import types
 
 import torch
@@ -50,6 +51,7 @@ import torch
 from .common import HAS_TRITON, StrictLaunch, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
+from .lut_linear import _FAST_CHECKED, _check_fast, _fast_run, _Launch, _launcher_ok, _num_sms, _workspace
 from .reference import dequantize_reference
 
 __all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mma_unsupported", "pack_mma_weight",
@@ -57,9 +59,9 @@ __all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mm
 
 #: Largest batch the fused kernel serves (in programs of 16 rows); larger batches dequantise + cuBLAS.
 MMA_MAX_M = 64
-#: Launch defaults: warps per program (one 16-row tile each), groups loaded ahead, table copies,
-#: programs per SM the split-K heuristic aims for.
-MMA_DEFAULT = {"NW": 4, "AHEAD": 2, "COPIES": 32, "PER_SM": 6}
+#: Launch defaults: warps per program (one 16-row tile each), groups loaded ahead, table copies (H100 sweep,
+#: benchmarks/RESULTS.md section 7).  K is split so that the programs fill whole waves (``balanced_split``).
+MMA_DEFAULT = {"NW": 8, "AHEAD": 2, "COPIES": 32}
 DEQUANT_CONFIG = {"BN": 32, "num_warps": 4}
 TILE_ROWS, GROUP_K = 16, 64
 
@@ -231,14 +233,15 @@ def _lookup_asm(sh: int) -> str:
 
 _LOOKUP8 = _CONSTEXPR(_lookup_asm(5))  # 8 copies: entry e, copy l at (8 e + l) * 4
 _LOOKUP32 = _CONSTEXPR(_lookup_asm(7))  # 32 copies
-_MMA_BF16 = _CONSTEXPR("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
-                       "{$10,$11,$12,$13};")  # fmt: skip
-_MMA_F16 = _CONSTEXPR("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
-                      "{$10,$11,$12,$13};")  # fmt: skip
+_MMA_BF16 = _CONSTEXPR("{ .reg .b32 b0, b1; mov.b64 {b0, b1}, $8; mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+                       " {$0,$1,$2,$3}, {$4,$5,$6,$7}, {b0,b1}, {$9,$10,$11,$12}; }")  # fmt: skip
+_MMA_F16 = _CONSTEXPR("{ .reg .b32 b0, b1; mov.b64 {b0, b1}, $8; mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+                      " {$0,$1,$2,$3}, {$4,$5,$6,$7}, {b0,b1}, {$9,$10,$11,$12}; }")  # fmt: skip
 _WORDS_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0;"
                         " mov.b32 $3, 0; @p ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4]; }")  # fmt: skip
-_XPAIR_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0;"
-                        " @p ld.global.nc.v2.b32 {$0, $1}, [$2]; }")  # fmt: skip
+_XFRAG_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b64 $0, 0; mov.b64 $1, 0; mov.b64 $2, 0;"
+                        " mov.b64 $3, 0; @p ld.global.nc.v2.b64 {$0, $1}, [$4];"
+                        " @p ld.global.nc.v2.b64 {$2, $3}, [$4+16]; }")  # fmt: skip
 
 
 def _words(w_lane, q, ok, ASM: tl.constexpr):
@@ -255,20 +258,41 @@ def _words(w_lane, q, ok, ASM: tl.constexpr):
     return w0, w1, w2, w3
 
 
-def _xpair(x_lane, k, ok, ASM: tl.constexpr):
-    """B fragment of a k16 step: bf16/fp16 pairs ``x[k, k + 1]`` and ``x[k + 2, k + 3]`` (zero where not ``ok``)."""
+def _xfrag(x_lane, k, ok, ASM: tl.constexpr):
+    """This lane's B fragments of the four k16 steps of a group: ``x[k + 4 j : k + 4 j + 4]`` as one int64 each
+    (16-bit values, lowest k in the low bits; zero where not ``ok``)."""
     p = x_lane + k
     if ASM:
-        b0, b1 = tl.inline_asm_elementwise(_XPAIR_ASM, "=r,=r,l,r", [p, ok.to(tl.int32)], dtype=(tl.int32, tl.int32),
-                                           is_pure=True, pack=1)  # fmt: skip
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(_XFRAG_ASM, "=l,=l,=l,=l,l,r", [p, ok.to(tl.int32)],
+                                                   dtype=(tl.int64,) * 4, is_pure=True, pack=1)  # fmt: skip
     else:
-        v0 = tl.load(p, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        v1 = tl.load(p + 1, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        v2 = tl.load(p + 2, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        v3 = tl.load(p + 3, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        b0 = v0 | (v1 << 16)
-        b1 = v2 | (v3 << 16)
-    return b0, b1
+        p0 = _xquad(p, ok)
+        p1 = _xquad(p + 4, ok)
+        p2 = _xquad(p + 8, ok)
+        p3 = _xquad(p + 12, ok)
+    return p0, p1, p2, p3
+
+
+def _xquad(p, ok):
+    """Four 16-bit activations at ``p`` packed into an int64 (interpreter)."""
+    q = tl.zeros(ok.shape, dtype=tl.int64)
+    for i in tl.static_range(4):
+        v = tl.load(p + i, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        q = q | (v << (16 * i))
+    return q
+
+
+def _pick(J: tl.constexpr, v0, v1, v2, v3):
+    """``(v0, v1, v2, v3)[J]`` for a compile-time J."""
+    if J == 0:
+        v = v0
+    elif J == 1:
+        v = v1
+    elif J == 2:
+        v = v2
+    else:
+        v = v3
+    return v
 
 
 def _lookup(w, lane_off, tab_ptr, ASM: tl.constexpr, COPIES: tl.constexpr):
@@ -323,18 +347,21 @@ def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, F16:
             c3 + tl.reshape(u1, [NT]))  # fmt: skip
 
 
-def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
-    """``C += A @ B`` for one warp-wide 16x16 by 16x8 tile (fp32 accumulate)."""
+def _mma(a0, a1, a2, a3, b, c0, c1, c2, c3, NW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+    """``C += A @ B`` for one warp-wide 16x16 by 16x8 tile (fp32 accumulate); ``b`` holds the lane's B pair of
+    registers in one int64."""
     if ASM:
         if F16:
             d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                _MMA_F16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                _MMA_F16, "=f,=f,=f,=f,r,r,r,r,l,f,f,f,f", [a0, a1, a2, a3, b, c0, c1, c2, c3],
                 dtype=(tl.float32,) * 4, is_pure=True, pack=1)  # fmt: skip
         else:
             d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                _MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                _MMA_BF16, "=f,=f,=f,=f,r,r,r,r,l,f,f,f,f", [a0, a1, a2, a3, b, c0, c1, c2, c3],
                 dtype=(tl.float32,) * 4, is_pure=True, pack=1)  # fmt: skip
     else:
+        b0 = (b & 0xFFFFFFFF).to(tl.int32)
+        b1 = (b >> 32).to(tl.int32)
         d0, d1, d2, d3 = _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW, F16)
     return d0, d1, d2, d3
 
@@ -344,7 +371,7 @@ def _fill_table(tab_ptr, t, NT: tl.constexpr, COPIES: tl.constexpr):
     decl = tl.inline_asm_elementwise(_TABLE_DECL, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
                                      pack=1)  # fmt: skip
     sym = tl.sum(decl, 0)
-    for it in range(0, 256 * COPIES // NT):
+    for it in tl.static_range(256 * COPIES // NT):  # unrolled: the loads go out together
         idx = it * NT + t
         v = tl.load(tab_ptr + idx // COPIES)
         tl.inline_asm_elementwise("st.shared.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,r", [sym + idx * 4, v],
@@ -420,11 +447,20 @@ def _mma_gemv_kernel(
     if ASM:
         _fill_table(tab_ptr, t, NT, COPIES)
 
+    # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r, MT = 2)
     q0 = u_lo * SG
     zi = t * 0
     w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (zi + q0 < q_hi), ASM)
+    p0, p1, p2, p3 = _xfrag(x_a, q0 * 64, ok_a & (zi + q0 * 64 + 16 * c < K), ASM)
+    r0, r1, r2, r3 = p0, p1, p2, p3
+    if MT == 2:
+        r0, r1, r2, r3 = _xfrag(x_b, q0 * 64, ok_b & (zi + q0 * 64 + 16 * c < K), ASM)
     if AHEAD == 2:
         v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (zi + q0 + 1 < q_hi), ASM)
+        pv0, pv1, pv2, pv3 = _xfrag(x_a, q0 * 64 + 64, ok_a & (zi + q0 * 64 + 64 + 16 * c < K), ASM)
+        rv0, rv1, rv2, rv3 = pv0, pv1, pv2, pv3
+        if MT == 2:
+            rv0, rv1, rv2, rv3 = _xfrag(x_b, q0 * 64 + 64, ok_b & (zi + q0 * 64 + 64 + 16 * c < K), ASM)
     zero = tl.zeros([NT], dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # batch tile 0 (MT = 2: also tile 1 below)
     bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero
@@ -434,33 +470,35 @@ def _mma_gemv_kernel(
         f0, f1, f2, f3 = zero, zero, zero, zero
         for s in tl.static_range(SG):
             q = u * SG + s
-            n0, n1, n2, n3 = _words(w_lane, q + AHEAD, tile_ok & (zi + q + AHEAD < q_hi), ASM)
-            kq = q * 64
-            kok = (zi + kq + 16 * c) < K
+            # ---- the stage AHEAD groups on
+            qn = q + AHEAD
+            kn = qn * 64
+            n0, n1, n2, n3 = _words(w_lane, qn, tile_ok & (zi + qn < q_hi), ASM)
+            pn0, pn1, pn2, pn3 = _xfrag(x_a, kn, ok_a & (zi + kn + 16 * c < K), ASM)
+            rn0, rn1, rn2, rn3 = pn0, pn1, pn2, pn3
+            if MT == 2:
+                rn0, rn1, rn2, rn3 = _xfrag(x_b, kn, ok_b & (zi + kn + 16 * c < K), ASM)
+            # ---- this group: four k16 steps
             for j in tl.static_range(4):
-                if j == 0:
-                    wj = w0
-                elif j == 1:
-                    wj = w1
-                elif j == 2:
-                    wj = w2
-                else:
-                    wj = w3
-                a0, a1, a2, a3 = _lookup(wj, lane_off, tab_ptr, ASM, COPIES)
-                b0, b1 = _xpair(x_a, kq + 4 * j, ok_a & kok, ASM)
+                a0, a1, a2, a3 = _lookup(_pick(j, w0, w1, w2, w3), lane_off, tab_ptr, ASM, COPIES)
+                b = _pick(j, p0, p1, p2, p3)
                 if MT == 2:
-                    e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b0, b1, e0, e1, e2, e3, NW, F16, ASM)
-                    b0, b1 = _xpair(x_b, kq + 4 * j, ok_b & kok, ASM)
-                    f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b0, b1, f0, f1, f2, f3, NW, F16, ASM)
+                    e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b, e0, e1, e2, e3, NW, F16, ASM)
+                    b = _pick(j, r0, r1, r2, r3)
+                    f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b, f0, f1, f2, f3, NW, F16, ASM)
                 elif j % 2 == 0:
-                    e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b0, b1, e0, e1, e2, e3, NW, F16, ASM)
+                    e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b, e0, e1, e2, e3, NW, F16, ASM)
                 else:
-                    f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b0, b1, f0, f1, f2, f3, NW, F16, ASM)
+                    f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b, f0, f1, f2, f3, NW, F16, ASM)
+            # ---- rotate the stages
             if AHEAD == 2:
-                w0, w1, w2, w3 = v0, v1, v2, v3
-                v0, v1, v2, v3 = n0, n1, n2, n3
+                w0, w1, w2, w3, v0, v1, v2, v3 = v0, v1, v2, v3, n0, n1, n2, n3
+                p0, p1, p2, p3, pv0, pv1, pv2, pv3 = pv0, pv1, pv2, pv3, pn0, pn1, pn2, pn3
+                r0, r1, r2, r3, rv0, rv1, rv2, rv3 = rv0, rv1, rv2, rv3, rn0, rn1, rn2, rn3
             else:
                 w0, w1, w2, w3 = n0, n1, n2, n3
+                p0, p1, p2, p3 = pn0, pn1, pn2, pn3
+                r0, r1, r2, r3 = rn0, rn1, rn2, rn3
         if MT == 1:
             e0, e1, e2, e3 = e0 + f0, e1 + f1, e2 + f2, e3 + f3
         if ROW_SCALE:
@@ -495,7 +533,7 @@ def _mma_gemv_kernel(
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
 
 
-def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK, BN: tl.constexpr):
+def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: tl.constexpr, BN: tl.constexpr):
     """Dense ``[BN, 64]`` tiles of the weight in ``o_ptr``'s dtype (each word read by its 8 codes' threads)."""
     r = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
     k = tl.program_id(1) * 64 + tl.arange(0, 64)[None, :]
@@ -513,8 +551,8 @@ def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK, 
     tl.store(o_ptr + r.to(tl.int64) * K + k, v.to(o_ptr.dtype.element_ty), mask=ok)
 
 
-_HELPERS = ("_words", "_xpair", "_lookup", "_half", "_emu_part", "_mma_emulated", "_mma", "_fill_table", "_store_out",
-            "_reduce_out")  # fmt: skip
+_HELPERS = ("_words", "_xfrag", "_xquad", "_pick", "_lookup", "_half", "_emu_part", "_mma_emulated", "_mma",
+            "_fill_table", "_store_out", "_reduce_out")
 _PLAIN = {name: globals()[name] for name in _HELPERS}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -546,12 +584,56 @@ def _kernel(fn, interpret: bool):
 # --------------------------------------------------------------------------------------
 
 
-def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
-    from .lut_linear import _choose_split, _workspace
+_RESIDENT: dict = {}  # (device, constexprs) -> programs of the GEMV that fit on one SM at once
 
-    cfg = dict(MMA_DEFAULT, **(config or {}))
+
+def _resident_per_sm(kern, args: dict, meta: dict, device: torch.device) -> int:
+    """Programs per SM the compiled kernel's registers, shared memory and warps allow (compiled once)."""
+    key = (device.index, tuple(sorted(meta.items())))
+    r = _RESIDENT.get(key)
+    if r is None:
+        compiled = kern.warmup(*args.values(), grid=(1,), **meta)
+        props = torch.cuda.get_device_properties(device)
+        nw = meta["num_warps"]
+        per_warp = _cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        r = min(props.regs_per_multiprocessor // (per_warp * nw), props.max_threads_per_multi_processor // (32 * nw),
+                32, smem // (compiled.metadata.shared + 1024))  # fmt: skip
+        _RESIDENT[key] = r = max(1, r)
+    return r
+
+
+def balanced_split(tiles: int, n_units: int, slots: int, max_split: int = 16) -> int:
+    """K slices for ``tiles`` output tiles so that the programs fill whole waves of ``slots``.
+
+    Programs are equal, so a launch of ``P`` programs keeps the GPU busy for ``P / (ceil(P / slots) * slots)``
+    of its time; a larger split is taken only when it raises that by more than 3 points (each slice adds a
+    table fill and a partial sum).  Slices cover equal numbers of K units.
+    """
+    best, best_eff = 1, 0.0
+    for s in range(1, min(max_split, n_units) + 1):
+        if _cdiv(n_units, _cdiv(n_units, s)) != s:
+            continue
+        p = tiles * s
+        eff = p / (_cdiv(p, slots) * slots)
+        if eff > best_eff + 0.03:
+            best, best_eff = s, eff
+    return best
+
+
+def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
     m, k = x2.shape
     n = p.out_features
+    fast = not interpret and config is None and _FAST_CHECKED.get("mma") is not False and _launcher_ok()
+    key = ("mma", m, x2.dtype, x2.stride(0), split_k, x2.device.index)
+    rec = p._launch_cache.get(key) if fast else None
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if rec is not None and _FAST_CHECKED.get("mma"):
+        ws, cnt = _workspace(x2.device, rec.n_part, rec.n_cnt) if rec.split > 1 else (y, y)
+        _fast_run(rec, x2.device, (x2, y, ws, cnt))
+        return y
+
+    cfg = dict(MMA_DEFAULT, **(config or {}))
     f16 = x2.dtype == torch.float16
     mt = 1 if m <= 8 else 2
     m_tiles = _cdiv(m, 8 * mt)
@@ -560,19 +642,35 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
     row_scale = p.scales.shape[1] == 1
     sg = 1 if row_scale else p.scale_block // GROUP_K
     n_units = _cdiv(p.n_groups, sg)
+    kern = _kernel(_mma_gemv_kernel, interpret)
+    args = dict(x_ptr=x2, w_ptr=p.words, tab_ptr=p.pairs_f16 if f16 else p.pairs_bf16, s_ptr=p.scales, y_ptr=y,
+                ws_ptr=y, cnt_ptr=y, M=m, N=n, K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
+                lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units, n_split=1)  # fmt: skip
+    meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
+                ASM=not interpret, SPLIT=True, num_warps=nw, num_stages=1)  # fmt: skip
     if split_k is None:
-        split_k = _choose_split(row_progs * m_tiles, n_units, x2.device, per_sm=cfg["PER_SM"])
-    split_k = max(1, min(int(split_k), n_units))
-    split_k = _cdiv(n_units, _cdiv(n_units, split_k))  # no empty slices
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    ws, cnt = _workspace(x2.device, split_k * m * n if split_k > 1 else 1, row_progs * m_tiles)
-    _kernel(_mma_gemv_kernel, interpret)[(row_progs, m_tiles, split_k)](
-        x2, p.words, p.pairs_f16 if f16 else p.pairs_bf16, p.scales, y, ws, cnt,
-        m, n, k, x2.stride(0), y.stride(0), p.scales.stride(0), p.n_tiles, p.n_groups, n_units, split_k,
-        SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
-        ASM=not interpret, SPLIT=split_k > 1, num_warps=nw, num_stages=1,
-    )  # fmt: skip
+        slots = 2 * row_progs if interpret else _resident_per_sm(kern, args, meta, x2.device) * _num_sms(
+            x2.device.index if x2.device.index is not None else torch.cuda.current_device())  # fmt: skip
+        split_k = balanced_split(row_progs * m_tiles, n_units, slots)
+    split = max(1, min(int(split_k), n_units))
+    split = _cdiv(n_units, _cdiv(n_units, split))  # no empty slices
+    n_part, n_cnt = split * m * n, row_progs * m_tiles
+    ws, cnt = _workspace(x2.device, n_part, n_cnt) if split > 1 else (y, y)
+    args.update(ws_ptr=ws, cnt_ptr=cnt, n_split=split)
+    meta["SPLIT"] = split > 1
+    grid = (row_progs, m_tiles, split)
+    compiled = kern[grid](*args.values(), **meta)
+    if fast and rec is None and compiled is not None:
+        names = tuple(inspect.signature(_mma_gemv_kernel).parameters)
+        allargs = {**args, **meta}
+        full = [None if nm in _SLOTS else allargs[nm] for nm in names]
+        rec = _Launch(compiled, grid, full, tuple(names.index(nm) for nm in _SLOTS), split, n_part, n_cnt)
+        if _check_fast("mma", rec, x2, y, split, n_part, n_cnt):
+            p._launch_cache[key] = rec
     return y
+
+
+_SLOTS = ("x_ptr", "y_ptr", "ws_ptr", "cnt_ptr")  # arguments refilled per call in a launch record
 
 
 def decode_mma_weight(p: MmaLutWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -585,8 +683,8 @@ def decode_mma_weight(p: MmaLutWeight, dtype: torch.dtype) -> torch.Tensor:
     interpret = p.device.type != "cuda" or _interpret_mode()
     sbk = p.scale_block if p.scales.shape[1] > 1 else max(k, 1)
     _kernel(_mma_dequant_kernel, interpret)[(_cdiv(n, bn), _cdiv(k, GROUP_K))](
-        p.words, p.lut, p.scales, out, n, k, p.n_groups, p.scales.stride(0), sbk,
-        BN=bn, num_warps=DEQUANT_CONFIG["num_warps"],
+        p.words, p.lut, p.scales, out, n, k, p.n_groups, p.scales.stride(0),
+        SBK=sbk, BN=bn, num_warps=DEQUANT_CONFIG["num_warps"],
     )  # fmt: skip
     return out
 
