@@ -649,6 +649,8 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
                 ASM=not interpret, SPLIT=True, num_warps=nw, num_stages=1)  # fmt: skip
     if split_k is None:
+        ws1, cnt1 = _workspace(x2.device, 1, 1)  # (the SPLIT variant's argument types for the warm-up compile)
+        args.update(ws_ptr=ws1, cnt_ptr=cnt1)
         slots = 2 * row_progs if interpret else _resident_per_sm(kern, args, meta, x2.device) * _num_sms(
             x2.device.index if x2.device.index is not None else torch.cuda.current_device())  # fmt: skip
         split_k = balanced_split(row_progs * m_tiles, n_units, slots)
