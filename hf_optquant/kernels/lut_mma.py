@@ -593,6 +593,7 @@ def _resident_per_sm(kern, args: dict, meta: dict, device: torch.device) -> int:
     r = _RESIDENT.get(key)
     if r is None:
         compiled = kern.warmup(*args.values(), grid=(1,), **meta)
+        compiled._init_handles()  # (loads the module: fills n_regs)
         props = torch.cuda.get_device_properties(device)
         nw = meta["num_warps"]
         per_warp = _cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
