@@ -51,7 +51,7 @@ import torch
 from .common import HAS_TRITON, StrictLaunch, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
-from .lut_linear import _FAST_CHECKED, _check_fast, _fast_run, _Launch, _launcher_ok, _num_sms, _workspace
+from .lut_linear import _FAST_CHECKED, _check_fast, _choose_split, _fast_run, _Launch, _launcher_ok, _workspace
 from .reference import dequantize_reference
 
 __all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mma_unsupported", "pack_mma_weight",
@@ -59,10 +59,10 @@ __all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mm
 
 #: Largest batch the fused kernel serves (in programs of 16 rows); larger batches dequantise + cuBLAS.
 MMA_MAX_M = 64
-#: Launch defaults: warps per program (one 16-row tile each), groups loaded ahead, table copies (H100 sweep,
-#: benchmarks/RESULTS.md section 7).  K is split so that the programs fill whole waves (``balanced_split``).
-MMA_DEFAULT = {"NW": 8, "AHEAD": 2, "COPIES": 32}
-DEQUANT_CONFIG = {"BN": 32, "num_warps": 4}
+#: Launch defaults: warps per program (one 16-row tile each), groups loaded ahead, table copies, programs per
+#: SM the split-K heuristic aims for (H100 sweeps, benchmarks/RESULTS.md section 7).
+MMA_DEFAULT = {"NW": 8, "AHEAD": 2, "COPIES": 32, "PER_SM": 4}
+DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 TILE_ROWS, GROUP_K = 16, 64
 
 
@@ -534,21 +534,22 @@ def _mma_gemv_kernel(
 
 
 def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: tl.constexpr, BN: tl.constexpr):
-    """Dense ``[BN, 64]`` tiles of the weight in ``o_ptr``'s dtype (each word read by its 8 codes' threads)."""
-    r = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
-    k = tl.program_id(1) * 64 + tl.arange(0, 64)[None, :]
-    ok = (r < N) & (k < K)
-    tile = r // 16
-    h = (r % 16) // 8
-    g = r % 8
-    c = (k % 64) // 16
-    j = (k % 16) // 4
-    e = (k % 4) // 2
-    word = ((tile.to(tl.int64) * n_groups + k // 64) * 32 + g * 4 + c) * 4 + j
-    shift = 8 * (h + 2 * e) + 4 * (k % 2)
-    code = (tl.load(w_ptr + word, mask=ok, other=0) >> shift) & 15
-    v = tl.load(lut_ptr + code) * tl.load(s_ptr + r.to(tl.int64) * lds + k // SBK, mask=ok, other=0.0).to(tl.float32)
-    tl.store(o_ptr + r.to(tl.int64) * K + k, v.to(o_ptr.dtype.element_ty), mask=ok)
+    """The dense ``[BN, 64]`` block of group ``program_id(1)``: each code word is read by its 8 codes' threads
+    (L1 hits), every output row segment is written whole."""
+    q = tl.program_id(1)
+    r = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
+    kk = tl.arange(0, 64)  # [64]
+    # word (tile, q, lane = 4 g + c, j) of code (row 16 tile + 8 h + g, k = 64 q + 16 c + 4 j + 2 e + i)
+    row_word = (r // 16).to(tl.int64) * (n_groups * 128) + q * 128 + (r % 8) * 16
+    col_word = (kk // 16) * 4 + (kk % 16) // 4
+    shift = (8 * ((r % 16) // 8))[:, None] + (16 * ((kk % 4) // 2) + 4 * (kk % 2))[None, :]
+    r_ok = r < N
+    ok = r_ok[:, None] & ((q * 64 + kk) < K)[None, :]
+    code = (tl.load(w_ptr + row_word[:, None] + col_word[None, :], mask=ok, other=0) >> shift) & 15
+    sc = tl.load(s_ptr + r.to(tl.int64) * lds + (q * 64) // SBK, mask=r_ok, other=0.0).to(tl.float32)
+    v = tl.load(lut_ptr + code) * sc[:, None]
+    out = o_ptr + r.to(tl.int64)[:, None] * K + (q * 64 + kk)[None, :]
+    tl.store(out, v.to(o_ptr.dtype.element_ty), mask=ok)
 
 
 _HELPERS = ("_words", "_xfrag", "_xquad", "_pick", "_lookup", "_half", "_emu_part", "_mma_emulated", "_mma",
@@ -584,44 +585,6 @@ def _kernel(fn, interpret: bool):
 # --------------------------------------------------------------------------------------
 
 
-_RESIDENT: dict = {}  # (device, constexprs) -> programs of the GEMV that fit on one SM at once
-
-
-def _resident_per_sm(kern, args: dict, meta: dict, device: torch.device) -> int:
-    """Programs per SM the compiled kernel's registers, shared memory and warps allow (compiled once)."""
-    key = (device.index, tuple(sorted(meta.items())))
-    r = _RESIDENT.get(key)
-    if r is None:
-        compiled = kern.warmup(*args.values(), grid=(1,), **meta)
-        compiled._init_handles()  # (loads the module: fills n_regs)
-        props = torch.cuda.get_device_properties(device)
-        nw = meta["num_warps"]
-        per_warp = _cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
-        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-        r = min(props.regs_per_multiprocessor // (per_warp * nw), props.max_threads_per_multi_processor // (32 * nw),
-                32, smem // (compiled.metadata.shared + 1024))  # fmt: skip
-        _RESIDENT[key] = r = max(1, r)
-    return r
-
-
-def balanced_split(tiles: int, n_units: int, slots: int, max_split: int = 16) -> int:
-    """K slices for ``tiles`` output tiles so that the programs fill whole waves of ``slots``.
-
-    Programs are equal, so a launch of ``P`` programs keeps the GPU busy for ``P / (ceil(P / slots) * slots)``
-    of its time; a larger split is taken only when it raises that by more than 3 points (each slice adds a
-    table fill and a partial sum).  Slices cover equal numbers of K units.
-    """
-    best, best_eff = 1, 0.0
-    for s in range(1, min(max_split, n_units) + 1):
-        if _cdiv(n_units, _cdiv(n_units, s)) != s:
-            continue
-        p = tiles * s
-        eff = p / (_cdiv(p, slots) * slots)
-        if eff > best_eff + 0.03:
-            best, best_eff = s, eff
-    return best
-
-
 def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
     m, k = x2.shape
     n = p.out_features
@@ -650,11 +613,7 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
                 ASM=not interpret, SPLIT=True, num_warps=nw, num_stages=1)  # fmt: skip
     if split_k is None:
-        ws1, cnt1 = _workspace(x2.device, 1, 1)  # (the SPLIT variant's argument types for the warm-up compile)
-        args.update(ws_ptr=ws1, cnt_ptr=cnt1)
-        slots = 2 * row_progs if interpret else _resident_per_sm(kern, args, meta, x2.device) * _num_sms(
-            x2.device.index if x2.device.index is not None else torch.cuda.current_device())  # fmt: skip
-        split_k = balanced_split(row_progs * m_tiles, n_units, slots)
+        split_k = _choose_split(row_progs * m_tiles, n_units, x2.device, per_sm=cfg["PER_SM"])
     split = max(1, min(int(split_k), n_units))
     split = _cdiv(n_units, _cdiv(n_units, split))  # no empty slices
     n_part, n_cnt = split * m * n, row_progs * m_tiles
@@ -685,7 +644,7 @@ def decode_mma_weight(p: MmaLutWeight, dtype: torch.dtype) -> torch.Tensor:
     bn = DEQUANT_CONFIG["BN"]
     interpret = p.device.type != "cuda" or _interpret_mode()
     sbk = p.scale_block if p.scales.shape[1] > 1 else max(k, 1)
-    _kernel(_mma_dequant_kernel, interpret)[(_cdiv(n, bn), _cdiv(k, GROUP_K))](
+    _kernel(_mma_dequant_kernel, interpret)[(_cdiv(n, bn), p.n_groups)](
         p.words, p.lut, p.scales, out, n, k, p.n_groups, p.scales.stride(0),
         SBK=sbk, BN=bn, num_warps=DEQUANT_CONFIG["num_warps"],
     )  # fmt: skip
