@@ -61,49 +61,23 @@ def check(device) -> list[dict]:
 
 
 def sweep(device, hbm, shapes, block) -> list[dict]:
-    """Batch 1: every launch variant with the wave-balanced split, then forced splits for the best variant."""
+    """Batch 1: every launch variant (split-K from the PER_SM heuristic)."""
     out = []
-    grid = dict(NW=(4, 8), AHEAD=(1, 2), COPIES=(8, 32))
+    grid = dict(NW=(4, 8), AHEAD=(1, 2), COPIES=(32,), PER_SM=(2, 4, 8))
     for n, k in shapes:
         case = KB.Case(n, k, 4, block, device, peers=False)
         packs = mma_copies(case, case.n_rot)
         x = case.x(1)
-        best = None
-        runs = [(dict(zip(grid, vals, strict=True)), None) for vals in itertools.product(*grid.values())]
-        for i in range(len(runs) + 6):
-            if i == len(runs):  # forced splits for the best variant
-                runs += [(best["config"], s) for s in (1, 2, 4, 8, 16) if s != best["split"]]
-            if i >= len(runs):
-                break
-            cfg, split = runs[i]
-            t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs, split=split: LM.mma_linear(
-                x, packs[i], config=cfg, split_k=split), case.n_rot)  # fmt: skip
-            if split is None:  # the balanced split this call chose (config calls keep no launch record)
-                split = _balanced(case, packs[0], cfg)
-            rec = dict(n=n, k=k, m=1, config=cfg, split=split, forced=i >= 8, time_us=t,
-                       pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm)  # fmt: skip
-            out.append(rec)
-            if not rec["forced"]:
-                best = rec if best is None or t < best["time_us"] else best
-        forced = min((r for r in out if r["n"] == n and r["k"] == k), key=lambda r: r["time_us"])
-        log(f"sweep {n}x{k}: best balanced {best['time_us']:.1f} us {best['pct_hbm']:.0f}% HBM {best['config']} "
-            f"split {best['split']}; best of all {forced['time_us']:.1f} us (split {forced['split']})")  # fmt: skip
+        for vals in itertools.product(*grid.values()):
+            cfg = dict(zip(grid, vals, strict=True))
+            t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg), case.n_rot)
+            out.append(dict(n=n, k=k, m=1, config=cfg, time_us=t,
+                            pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm))  # fmt: skip
+        best = min((r for r in out if (r["n"], r["k"]) == (n, k)), key=lambda r: r["time_us"])
+        log(f"sweep {n}x{k}: best {best['time_us']:.1f} us {best['pct_hbm']:.0f}% HBM {best['config']}")
         case = packs = None
         torch.cuda.empty_cache()
     return out
-
-
-def _balanced(case, pack, cfg) -> int:
-    """The split ``mma_linear`` chooses at batch 1 for this config (same rule, same residency cache)."""
-    nw = cfg["NW"]
-    row_progs = -(-pack.n_tiles // nw)
-    sg = 1 if pack.scales.shape[1] == 1 else pack.scale_block // 64
-    n_units = -(-pack.n_groups // sg)
-    res = [r for key, r in LM._RESIDENT.items() if dict(key[1]).get("NW") == nw
-           and dict(key[1]).get("AHEAD") == cfg["AHEAD"] and dict(key[1]).get("COPIES") == cfg["COPIES"]
-           and dict(key[1]).get("MT") == 1]  # fmt: skip
-    slots = res[-1] * torch.cuda.get_device_properties(0).multi_processor_count if res else 0
-    return LM.balanced_split(row_progs, n_units, slots) if slots else -1
 
 
 def table(device, hbm, shapes, batches, block) -> list[dict]:
@@ -120,6 +94,9 @@ def table(device, hbm, shapes, batches, block) -> list[dict]:
             planes = case.packs
             rec["planes_us"] = KB.bench_graph(lambda i, x=x, ps=planes: KB.LL.lut_linear(x, ps[i]), case.n_rot)
             rec["mma_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i]), case.n_rot)
+            if 16 < m <= LM.MMA_MAX_M:  # the alternative for mid batches: dequantise + cuBLAS
+                rec["mma_dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
+                                                       case.n_rot)  # fmt: skip
             rec["mma_rel_err"] = KB.rel_err(LM.mma_linear(x, packs[0]), ref)
             rec["mma_path"] = "mma" if m <= LM.MMA_MAX_M else "dequant"
             rec["split"] = next((r.split for key, r in packs[0]._launch_cache.items() if key[:2] == ("mma", m)), None)
