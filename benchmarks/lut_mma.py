@@ -60,21 +60,21 @@ def check(device) -> list[dict]:
     return rows
 
 
-def sweep(device, hbm, shapes, block) -> list[dict]:
-    """Batch 1: every launch variant (split-K from the PER_SM heuristic)."""
+def sweep(device, hbm, shapes, block, m=1) -> list[dict]:
+    """Batch ``m``: every launch variant (split-K from the PER_SM heuristic)."""
     out = []
-    grid = dict(NW=(4, 8), AHEAD=(1, 2), COPIES=(32,), PER_SM=(2, 4, 8))
+    grid = dict(NW=(4, 8), AHEAD=(1, 2), COPIES=(32,), PER_SM=(1, 2, 4, 8))
     for n, k in shapes:
         case = KB.Case(n, k, 4, block, device, peers=False)
         packs = mma_copies(case, case.n_rot)
-        x = case.x(1)
+        x = case.x(m)
         for vals in itertools.product(*grid.values()):
             cfg = dict(zip(grid, vals, strict=True))
             t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg), case.n_rot)
-            out.append(dict(n=n, k=k, m=1, config=cfg, time_us=t,
+            out.append(dict(n=n, k=k, m=m, config=cfg, time_us=t,
                             pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm))  # fmt: skip
         best = min((r for r in out if (r["n"], r["k"]) == (n, k)), key=lambda r: r["time_us"])
-        log(f"sweep {n}x{k}: best {best['time_us']:.1f} us {best['pct_hbm']:.0f}% HBM {best['config']}")
+        log(f"sweep M={m} {n}x{k}: best {best['time_us']:.1f} us {best['pct_hbm']:.0f}% HBM {best['config']}")
         case = packs = None
         torch.cuda.empty_cache()
     return out
@@ -153,6 +153,9 @@ def main() -> None:
         save()
     if "sweep" in args.parts:
         res["sweep"] = sweep(device, hbm, KB.SHAPES, args.block)
+        save()
+    if "msweep" in args.parts:  # the same at decode batches 4 and 16
+        res["msweep"] = sweep(device, hbm, KB.SHAPES, args.block, m=4) + sweep(device, hbm, KB.SHAPES, args.block, m=16)
         save()
     if "table" in args.parts:
         res["table"] = table(device, hbm, KB.SHAPES, args.batches, args.block)

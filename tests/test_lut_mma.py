@@ -1,0 +1,152 @@
+"""Tests for the tensor-core 4-bit layout (hf_optquant.kernels.lut_mma), its kernels in Triton's interpreter
+(inline PTX replaced by a lane-by-lane emulation of ``mma.m16n8k16``) and its use by QuantLinear.
+
+References are independent of the code under test: the PTX ISA's definition of the m16n8k16 A/B fragments,
+written out here, applied to the stored words and the activations; float64 matmuls of the dequantised weight;
+the plain dequantisation formula.  Inputs are random and shapes odd (rows not a multiple of 16, K not a
+multiple of 64).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_optquant.formats import Scaling
+from hf_optquant.formats.fit import fit_format
+from hf_optquant.kernels import lut_mma as LM
+from hf_optquant.kernels.lut_linear import PackedLutWeight
+from hf_optquant.kernels.reference import dequantize_reference
+from hf_optquant.nn import QuantLinear
+
+needs_triton = pytest.mark.skipif(not LM.HAS_TRITON, reason="needs triton (its interpreter)")
+
+
+def _weight(n: int, k: int, block: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    lut = torch.sort(torch.randn(16, generator=g)).values
+    signs = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
+    scales = (torch.rand(n, -(-k // block), generator=g) + 0.5) * signs
+    return codes, lut, scales
+
+
+def _fragment_product(p: LM.MmaLutWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x @ lut[codes].T`` computed the way the tensor cores see the stored words (no scales).
+
+    PTX ISA, mma.m16n8k16 with .bf16: lane l = 4 g + c holds A registers a0..a3, register r covering row
+    g + 8 (r % 2) and columns 2c + 8 (r // 2) + {0, 1} (low half first); B registers b0, b1 cover rows
+    2c + 8 r + {0, 1} of column g.  Our layout hands word j of a group to the j-th k16 step (a register is
+    the table entry of byte r), and lane (g, c) feeds B with x[g, 64 q + 16 c + 4 j + {0, 1, 2, 3}].
+    """
+    lut = p.lut.double()
+    words = p.words.long() & 0xFFFFFFFF
+    m = x.shape[0]
+    y = torch.zeros(m, p.n_tiles * 16, dtype=torch.float64)
+    xp = torch.nn.functional.pad(x.double(), (0, p.n_groups * 64 - x.shape[1]))
+    for tile in range(p.n_tiles):
+        for q in range(p.n_groups):
+            for j in range(4):
+                a = torch.zeros(16, 16, dtype=torch.float64)
+                b = torch.zeros(16, m, dtype=torch.float64)
+                for lane in range(32):
+                    g, c = divmod(lane, 4)
+                    w = int(words[tile, q, lane, j])
+                    for r in range(4):
+                        byte = (w >> (8 * r)) & 255
+                        row, col = g + 8 * (r % 2), 2 * c + 8 * (r // 2)
+                        a[row, col], a[row, col + 1] = lut[byte & 15], lut[byte >> 4]
+                    k0 = 64 * q + 16 * c + 4 * j
+                    b[2 * c : 2 * c + 2, :] = xp[:, k0 : k0 + 2].T
+                    b[2 * c + 8 : 2 * c + 10, :] = xp[:, k0 + 2 : k0 + 4].T
+                y[:, 16 * tile : 16 * tile + 16] += (a @ b).T
+    return y[:, : p.out_features]
+
+
+def test_stored_words_are_mma_fragments_of_the_weight():
+    n, k = 21, 80  # two row tiles (one partial), two groups (one partial)
+    codes, lut, _ = _weight(n, k, k, seed=1)
+    p = LM.pack_mma_weight(codes, lut, torch.ones(n, 1), k)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
+    ref = x.double() @ lut.double()[codes.long()].T
+    torch.testing.assert_close(_fragment_product(p, x), ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(LM.mma_reference_codes(p), codes)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 16), (17, 48), (40, 272), (130, 64)])
+def test_codes_round_trip(n, k):
+    codes, lut, scales = _weight(n, k, k, seed=n * k)
+    p = LM.pack_mma_weight(codes, lut, scales, k)
+    assert p.words.shape == (-(-n // 16), -(-k // 64), 32, 4)
+    assert torch.equal(LM.mma_reference_codes(p), codes)
+    assert torch.equal(LM.dequantize_mma(p), dequantize_reference(codes, lut, scales, k))
+
+
+@needs_triton
+@pytest.mark.parametrize(("n", "k", "block", "m", "split"), [
+    (40, 128, 64, 1, None), (33, 208, 64, 3, 2), (48, 256, 128, 11, 2), (20, 160, 160, 5, None),
+    (70, 192, 64, 16, 3), (24, 128, 128, 23, None),
+])  # fmt: skip
+def test_kernel_matches_float64(monkeypatch, n, k, block, m, split):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    codes, lut, scales = _weight(n, k, block, seed=n + k + m)
+    p = LM.pack_mma_weight(codes, lut, scales, block)
+    w = dequantize_reference(codes, lut, scales, block, dtype=torch.float64)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
+        xd = x.to(dtype)
+        ref = xd.double() @ w.T
+        y = LM.mma_linear(xd, p, path="mma", split_k=split, config={"NW": 2})
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert float((y.double() - ref).norm() / ref.norm()) < tol
+    # a wrong scale block, a swapped row half or a misplaced k would cost O(1) relative error
+    y32 = LM.mma_linear(x, p)  # fp32 activations: dequantise + matmul
+    torch.testing.assert_close(y32.double(), x.double() @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+def test_dequant_kernel_is_bit_exact(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for n, k, block in ((37, 192, 64), (16, 80, 80)):
+        codes, lut, scales = _weight(n, k, block, seed=k)
+        p = LM.pack_mma_weight(codes, lut, scales, block)
+        out = LM.decode_mma_weight(p, torch.float32)
+        assert torch.equal(out, dequantize_reference(codes, lut, scales, block))
+
+
+def test_invalid_inputs_are_rejected():
+    codes, lut, scales = _weight(16, 64, 64, seed=3)
+    assert LM.mma_unsupported(3, 64, 64) and LM.mma_unsupported(4, 64, 72) and LM.mma_unsupported(4, 32, 128)
+    assert LM.mma_unsupported(4, 64, 128) is None and LM.mma_unsupported(4, 128, 128) is None
+    with pytest.raises(ValueError, match="block_size"):
+        LM.pack_mma_weight(torch.zeros(4, 128, dtype=torch.uint8), lut, torch.ones(4, 4), 32)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        LM.pack_mma_weight(codes.int() + 9, lut, scales, 64)
+    with pytest.raises(ValueError, match="scales"):
+        LM.pack_mma_weight(codes, lut, scales[:, :0], 64)
+    with pytest.raises(ValueError, match="16 entries"):
+        LM.pack_mma_weight(codes, lut[:8], scales, 64)
+    p = LM.pack_mma_weight(codes, lut, scales, 64)
+    with pytest.raises(ValueError, match="features"):
+        LM.mma_linear(torch.randn(2, 63), p)
+    with pytest.raises(ValueError, match="path"):
+        LM.mma_linear(torch.randn(2, 64), p, path="gemv")
+    with pytest.raises(TypeError, match="bf16"):
+        LM.mma_linear(torch.randn(2, 64).double(), p)
+
+
+@needs_triton
+def test_quant_linear_uses_the_fragment_layout_for_4bit_codes(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w = torch.distributions.StudentT(5.0).sample((36, 192)) * 0.02
+    for scaling, layout in ((Scaling("block", 64, "absmax"), LM.MmaLutWeight),
+                            (Scaling("channel", 1, "rms"), LM.MmaLutWeight),
+                            (Scaling("block", 32, "absmax"), PackedLutWeight)):  # fmt: skip
+        fit = fit_format(w, "nf4", 4.5, scaling=scaling)
+        layer = QuantLinear.from_encoded(fit.encoded)
+        layer.kernels = True
+        x = torch.randn(3, 192).bfloat16()
+        y = layer(x)
+        assert isinstance(layer.runtime_weight(x.device).packed, layout)
+        ref = x.double() @ layer.format.decode(layer.encoded).double().T
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
