@@ -61,7 +61,8 @@ __all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mm
 MMA_MAX_M = 64
 #: Launch defaults: warps per program (one 16-row tile each), groups loaded ahead, table copies, programs per
 #: SM the split-K heuristic aims for (H100 sweeps, benchmarks/RESULTS.md section 7).
-MMA_DEFAULT = {"NW": 8, "AHEAD": 2, "COPIES": 32, "PER_SM": 4}
+MMA_DEFAULT = {"NW": 8, "AHEAD": 2, "COPIES": 32, "PER_SM": 4}  # batches of up to 8 rows (one B tile)
+MMA_DEFAULT_WIDE = {"NW": 4, "AHEAD": 1, "COPIES": 32, "PER_SM": 2}  # 9-16 rows per program (two B tiles)
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 TILE_ROWS, GROUP_K = 16, 64
 
@@ -597,9 +598,9 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
         _fast_run(rec, x2.device, (x2, y, ws, cnt))
         return y
 
-    cfg = dict(MMA_DEFAULT, **(config or {}))
-    f16 = x2.dtype == torch.float16
     mt = 1 if m <= 8 else 2
+    cfg = dict(MMA_DEFAULT if mt == 1 else MMA_DEFAULT_WIDE, **(config or {}))
+    f16 = x2.dtype == torch.float16
     m_tiles = _cdiv(m, 8 * mt)
     nw = cfg["NW"]
     row_progs = _cdiv(p.n_tiles, nw)
