@@ -63,13 +63,15 @@ def check(device) -> list[dict]:
 def sweep(device, hbm, shapes, block, m=1) -> list[dict]:
     """Batch ``m``: every launch variant (split-K from the PER_SM heuristic)."""
     out = []
-    grid = dict(NW=(4, 8), AHEAD=(1, 2), COPIES=(32,), PER_SM=(1, 2, 4, 8))
+    grid = dict(NW=(4, 8), KW=(1, 2, 4, 8), AHEAD=(2,) if m <= 8 else (1,), COPIES=(32,), PER_SM=(1, 2, 4, 8))
     for n, k in shapes:
         case = KB.Case(n, k, 4, block, device, peers=False)
         packs = mma_copies(case, case.n_rot)
         x = case.x(m)
         for vals in itertools.product(*grid.values()):
             cfg = dict(zip(grid, vals, strict=True))
+            if cfg["NW"] % cfg["KW"]:
+                continue
             t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg), case.n_rot)
             out.append(dict(n=n, k=k, m=m, config=cfg, time_us=t,
                             pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm))  # fmt: skip

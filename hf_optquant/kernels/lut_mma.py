@@ -31,7 +31,8 @@ Kernels
 -------
 * ``_mma_gemv_kernel`` -- batch tiles of 8 or 16 rows of x (``MT`` = 1 or 2 B tiles per A
   fragment; more rows run more programs along the grid's batch axis, which re-read the codes from
-  L2), split-K with the deterministic partial sums of :mod:`.lut_linear`.  Under
+  L2).  K is split between the ``KW`` warps of a row tile (summed through shared memory) and between
+  programs (deterministic partial sums in global memory, as in :mod:`.lut_linear`).  Under
   ``TRITON_INTERPRET=1`` the inline PTX (table reads, ``mma``, vector loads) is replaced by Triton
   code that emulates it lane by lane (``_mma_emulated``), so CPU tests run the kernel's indexing.
 * ``_mma_dequant_kernel`` -- the dense weight (larger batches: dequantise + cuBLAS, and fp32 x).
@@ -59,10 +60,11 @@ __all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mm
 
 #: Largest batch the fused kernel serves (in programs of 16 rows); larger batches dequantise + cuBLAS.
 MMA_MAX_M = 64
-#: Launch defaults: warps per program (one 16-row tile each), groups loaded ahead, table copies, programs per
-#: SM the split-K heuristic aims for (H100 sweeps, benchmarks/RESULTS.md section 7).
-MMA_DEFAULT = {"NW": 8, "AHEAD": 2, "COPIES": 32, "PER_SM": 4}  # batches of up to 8 rows (one B tile)
-MMA_DEFAULT_WIDE = {"NW": 4, "AHEAD": 1, "COPIES": 32, "PER_SM": 2}  # 9-16 rows per program (two B tiles)
+#: Launch defaults: warps per program, warps sharing one 16-row tile (each takes a slice of the program's K
+#: range; summed in shared memory), groups loaded ahead, table copies, programs per SM the split-K heuristic
+#: aims for (H100 sweeps, benchmarks/RESULTS.md section 5).
+MMA_DEFAULT = {"NW": 8, "KW": 1, "AHEAD": 2, "COPIES": 32, "PER_SM": 4}  # batches of up to 8 rows (one B tile)
+MMA_DEFAULT_WIDE = {"NW": 4, "KW": 1, "AHEAD": 1, "COPIES": 32, "PER_SM": 2}  # 9-16 rows per program (two B tiles)
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 TILE_ROWS, GROUP_K = 16, 64
 
@@ -415,15 +417,29 @@ def _reduce_out(y_ptr, ws_ptr, m0, row_a, M, N, stride_ym, n_split):
             tl.store(y_ptr + o + r * stride_ym + 8 * h, tot.to(dt), mask=ok)
 
 
+def _stage(w_lane, x_a, x_b, q, q_hi, kc, tile_ok, ok_a, ok_b, K, MT: tl.constexpr, ASM: tl.constexpr):
+    """One group's loads: code words, B fragments of batch tile 0 and (MT = 2) tile 1; zero past ``q_hi``."""
+    live = q < q_hi
+    w0, w1, w2, w3 = _words(w_lane, q, tile_ok & live, ASM)
+    xok = live & (q * 64 + kc < K)
+    p0, p1, p2, p3 = _xfrag(x_a, q * 64, ok_a & xok, ASM)
+    r0, r1, r2, r3 = p0, p1, p2, p3
+    if MT == 2:
+        r0, r1, r2, r3 = _xfrag(x_b, q * 64, ok_b & xok, ASM)
+    return w0, w1, w2, w3, p0, p1, p2, p3, r0, r1, r2, r3
+
+
 def _mma_gemv_kernel(
     x_ptr, w_ptr, tab_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
-    SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, AHEAD: tl.constexpr,
-    COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+    SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr,
+    AHEAD: tl.constexpr, COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w, which owns
-    # the 16-row tile pid_n * NW + w.  A program covers K units (of SG groups) [u_lo, u_hi).
+    # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
+    # RT = NW / KW row tiles of 16 and K units (of SG groups) [u_lo, u_hi); the KW warps of a tile take
+    # consecutive slices of that range and are summed through shared memory at the end.
     NT: tl.constexpr = 32 * NW
+    RT: tl.constexpr = NW // KW
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -431,55 +447,47 @@ def _mma_gemv_kernel(
     lane = t % 32
     g = lane // 4
     c = lane % 4
-    tile = pid_n * NW + t // 32
+    tile = pid_n * RT + (t // 32) // KW
+    kw = (t // 32) % KW
     tile_ok = tile < n_tiles
     row_a = tile * 16 + g  # rows of a0/d0 (row_a + 8: a1/d2)
     ups = tl.cdiv(n_units, n_split)
     u_lo = pid_k * ups
     u_hi = tl.minimum(u_lo + ups, n_units)
-    q_hi = tl.minimum(u_hi * SG, n_groups)
+    per = tl.cdiv(u_hi - u_lo, KW)  # units per warp
+    u0 = u_lo + kw * per  # this warp's first unit (a tensor: warps differ)
+    q_hi = tl.minimum(tl.minimum(u0 + per, u_hi) * SG, n_groups)
     w_lane = w_ptr + tile.to(tl.int64) * (n_groups * 128) + lane * 4
     m_a = pid_m * (8 * MT) + g  # batch row of this lane's B fragment (tile 0; tile 1: + 8)
     x_a = x_ptr + m_a.to(tl.int64) * stride_xm + 16 * c
     x_b = x_a + 8 * stride_xm
     ok_a = m_a < M
     ok_b = (m_a + 8) < M
+    kc = 16 * c
     lane_off = (lane % COPIES) * 4
+
+    # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r); the first
+    # loads go out before the table fill so that their latency overlaps it
+    q0 = u0 * SG
+    w0, w1, w2, w3, p0, p1, p2, p3, r0, r1, r2, r3 = _stage(w_lane, x_a, x_b, q0, q_hi, kc, tile_ok, ok_a, ok_b, K,
+                                                            MT, ASM)  # fmt: skip
+    if AHEAD == 2:
+        v0, v1, v2, v3, pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _stage(w_lane, x_a, x_b, q0 + 1, q_hi, kc, tile_ok,
+                                                                        ok_a, ok_b, K, MT, ASM)  # fmt: skip
     if ASM:
         _fill_table(tab_ptr, t, NT, COPIES)
-
-    # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r, MT = 2)
-    q0 = u_lo * SG
-    zi = t * 0
-    w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (zi + q0 < q_hi), ASM)
-    p0, p1, p2, p3 = _xfrag(x_a, q0 * 64, ok_a & (zi + q0 * 64 + 16 * c < K), ASM)
-    r0, r1, r2, r3 = p0, p1, p2, p3
-    if MT == 2:
-        r0, r1, r2, r3 = _xfrag(x_b, q0 * 64, ok_b & (zi + q0 * 64 + 16 * c < K), ASM)
-    if AHEAD == 2:
-        v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (zi + q0 + 1 < q_hi), ASM)
-        pv0, pv1, pv2, pv3 = _xfrag(x_a, q0 * 64 + 64, ok_a & (zi + q0 * 64 + 64 + 16 * c < K), ASM)
-        rv0, rv1, rv2, rv3 = pv0, pv1, pv2, pv3
-        if MT == 2:
-            rv0, rv1, rv2, rv3 = _xfrag(x_b, q0 * 64 + 64, ok_b & (zi + q0 * 64 + 64 + 16 * c < K), ASM)
     zero = tl.zeros([NT], dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # batch tile 0 (MT = 2: also tile 1 below)
     bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero
-    for u in range(u_lo, u_hi):
+    for i in range(0, per):
+        u = u0 + i
         # two accumulator sets: B tiles 0 / 1 (MT = 2), or even / odd k16 steps (MT = 1)
         e0, e1, e2, e3 = zero, zero, zero, zero
         f0, f1, f2, f3 = zero, zero, zero, zero
         for s in tl.static_range(SG):
             q = u * SG + s
-            # ---- the stage AHEAD groups on
-            qn = q + AHEAD
-            kn = qn * 64
-            n0, n1, n2, n3 = _words(w_lane, qn, tile_ok & (zi + qn < q_hi), ASM)
-            pn0, pn1, pn2, pn3 = _xfrag(x_a, kn, ok_a & (zi + kn + 16 * c < K), ASM)
-            rn0, rn1, rn2, rn3 = pn0, pn1, pn2, pn3
-            if MT == 2:
-                rn0, rn1, rn2, rn3 = _xfrag(x_b, kn, ok_b & (zi + kn + 16 * c < K), ASM)
-            # ---- this group: four k16 steps
+            n0, n1, n2, n3, pn0, pn1, pn2, pn3, rn0, rn1, rn2, rn3 = _stage(
+                w_lane, x_a, x_b, q + AHEAD, q_hi, kc, tile_ok, ok_a, ok_b, K, MT, ASM)  # fmt: skip
             for j in tl.static_range(4):
                 a0, a1, a2, a3 = _lookup(_pick(j, w0, w1, w2, w3), lane_off, tab_ptr, ASM, COPIES)
                 b = _pick(j, p0, p1, p2, p3)
@@ -491,8 +499,7 @@ def _mma_gemv_kernel(
                     e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b, e0, e1, e2, e3, NW, F16, ASM)
                 else:
                     f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b, f0, f1, f2, f3, NW, F16, ASM)
-            # ---- rotate the stages
-            if AHEAD == 2:
+            if AHEAD == 2:  # rotate the stages
                 w0, w1, w2, w3, v0, v1, v2, v3 = v0, v1, v2, v3, n0, n1, n2, n3
                 p0, p1, p2, p3, pv0, pv1, pv2, pv3 = pv0, pv1, pv2, pv3, pn0, pn1, pn2, pn3
                 r0, r1, r2, r3, rv0, rv1, rv2, rv3 = rv0, rv1, rv2, rv3, rn0, rn1, rn2, rn3
@@ -506,9 +513,10 @@ def _mma_gemv_kernel(
             acc0, acc1, acc2, acc3 = acc0 + e0, acc1 + e1, acc2 + e2, acc3 + e3
             if MT == 2:
                 bcc0, bcc1, bcc2, bcc3 = bcc0 + f0, bcc1 + f1, bcc2 + f2, bcc3 + f3
-        else:
-            sa = tl.load(s_ptr + row_a.to(tl.int64) * lds + u, mask=row_a < N, other=0.0).to(tl.float32)
-            sb = tl.load(s_ptr + (row_a + 8).to(tl.int64) * lds + u, mask=row_a + 8 < N, other=0.0).to(tl.float32)
+        else:  # (a unit past this warp's slice has zero activations: any in-bounds scale will do)
+            us = tl.minimum(u, n_units - 1)
+            sa = tl.load(s_ptr + row_a.to(tl.int64) * lds + us, mask=row_a < N, other=0.0).to(tl.float32)
+            sb = tl.load(s_ptr + (row_a + 8).to(tl.int64) * lds + us, mask=row_a + 8 < N, other=0.0).to(tl.float32)
             acc0, acc1, acc2, acc3 = acc0 + e0 * sa, acc1 + e1 * sa, acc2 + e2 * sb, acc3 + e3 * sb
             if MT == 2:
                 bcc0, bcc1, bcc2, bcc3 = bcc0 + f0 * sa, bcc1 + f1 * sa, bcc2 + f2 * sb, bcc3 + f3 * sb
@@ -518,20 +526,32 @@ def _mma_gemv_kernel(
         acc0, acc1, acc2, acc3 = acc0 * sa, acc1 * sa, acc2 * sb, acc3 * sb
         bcc0, bcc1, bcc2, bcc3 = bcc0 * sa, bcc1 * sa, bcc2 * sb, bcc3 * sb
 
-    # lane (g, c) holds outputs (feature row_a / row_a + 8, batch rows m0 / m0 + 1)
-    m0 = pid_m * (8 * MT) + 2 * c
-    _store_out(y_ptr, ws_ptr, acc0, acc1, acc2, acc3, m0, row_a, M, N, stride_ym, pid_k, SPLIT)
+    # the KW slices of a tile summed (through shared memory); lane (g, c) of tile r then holds outputs
+    # (feature rows row_o / row_o + 8, batch rows m0 / m0 + 1)
+    lane_o = tl.arange(0, 32)[None, :]
+    row_o = (pid_n * RT + tl.arange(0, RT)[:, None]) * 16 + lane_o // 4
+    m0 = pid_m * (8 * MT) + 2 * (lane_o % 4)
+    acc0, acc1, acc2, acc3 = (_kw_sum(acc0, RT, KW), _kw_sum(acc1, RT, KW), _kw_sum(acc2, RT, KW),
+                              _kw_sum(acc3, RT, KW))  # fmt: skip
+    _store_out(y_ptr, ws_ptr, acc0, acc1, acc2, acc3, m0, row_o, M, N, stride_ym, pid_k, SPLIT)
     if MT == 2:
-        _store_out(y_ptr, ws_ptr, bcc0, bcc1, bcc2, bcc3, m0 + 8, row_a, M, N, stride_ym, pid_k, SPLIT)
+        bcc0, bcc1, bcc2, bcc3 = (_kw_sum(bcc0, RT, KW), _kw_sum(bcc1, RT, KW), _kw_sum(bcc2, RT, KW),
+                                  _kw_sum(bcc3, RT, KW))  # fmt: skip
+        _store_out(y_ptr, ws_ptr, bcc0, bcc1, bcc2, bcc3, m0 + 8, row_o, M, N, stride_ym, pid_k, SPLIT)
     if SPLIT:
         tl.debug_barrier()
         tile_id = pid_m * tl.num_programs(0) + pid_n
         done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
         if done == n_split - 1:
-            _reduce_out(y_ptr, ws_ptr, m0, row_a, M, N, stride_ym, n_split)
+            _reduce_out(y_ptr, ws_ptr, m0, row_o, M, N, stride_ym, n_split)
             if MT == 2:
-                _reduce_out(y_ptr, ws_ptr, m0 + 8, row_a, M, N, stride_ym, n_split)
+                _reduce_out(y_ptr, ws_ptr, m0 + 8, row_o, M, N, stride_ym, n_split)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
+
+
+def _kw_sum(v, RT: tl.constexpr, KW: tl.constexpr):
+    """``[NT]`` per-lane values -> ``[RT, 32]``: the sum over the KW warps of each row tile."""
+    return tl.sum(tl.reshape(v, [RT, KW, 32]), axis=1)
 
 
 def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: tl.constexpr, BN: tl.constexpr):
@@ -554,7 +574,7 @@ def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: 
 
 
 _HELPERS = ("_words", "_xfrag", "_xquad", "_pick", "_lookup", "_half", "_emu_part", "_mma_emulated", "_mma",
-            "_fill_table", "_store_out", "_reduce_out")
+            "_fill_table", "_store_out", "_reduce_out", "_stage", "_kw_sum")
 _PLAIN = {name: globals()[name] for name in _HELPERS}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -602,8 +622,10 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
     cfg = dict(MMA_DEFAULT if mt == 1 else MMA_DEFAULT_WIDE, **(config or {}))
     f16 = x2.dtype == torch.float16
     m_tiles = _cdiv(m, 8 * mt)
-    nw = cfg["NW"]
-    row_progs = _cdiv(p.n_tiles, nw)
+    nw, kw = cfg["NW"], cfg["KW"]
+    if nw % kw:
+        raise ValueError(f"config KW={kw} must divide NW={nw}")
+    row_progs = _cdiv(p.n_tiles, nw // kw)
     row_scale = p.scales.shape[1] == 1
     sg = 1 if row_scale else p.scale_block // GROUP_K
     n_units = _cdiv(p.n_groups, sg)
@@ -611,7 +633,7 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
     args = dict(x_ptr=x2, w_ptr=p.words, tab_ptr=p.pairs_f16 if f16 else p.pairs_bf16, s_ptr=p.scales, y_ptr=y,
                 ws_ptr=y, cnt_ptr=y, M=m, N=n, K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                 lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units, n_split=1)  # fmt: skip
-    meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
+    meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
                 ASM=not interpret, SPLIT=True, num_warps=nw, num_stages=1)  # fmt: skip
     if split_k is None:
         split_k = _choose_split(row_progs * m_tiles, n_units, x2.device, per_sm=cfg["PER_SM"])
