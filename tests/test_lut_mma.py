@@ -83,11 +83,12 @@ def test_codes_round_trip(n, k):
 
 
 @needs_triton
-@pytest.mark.parametrize(("n", "k", "block", "m", "split"), [
-    (40, 128, 64, 1, None), (33, 208, 64, 3, 2), (48, 256, 128, 11, 2), (20, 160, 160, 5, None),
-    (70, 192, 64, 16, 3), (24, 128, 128, 23, None),
+@pytest.mark.parametrize(("n", "k", "block", "m", "split", "config"), [
+    (40, 128, 64, 1, None, {"NW": 2}), (33, 208, 64, 3, 2, {"NW": 2, "KW": 1}), (48, 256, 128, 11, 2, {"NW": 2}),
+    (20, 160, 160, 5, None, {"NW": 2}), (70, 192, 64, 16, 3, {"NW": 2, "KW": 1}), (24, 128, 128, 23, None, {"NW": 2}),
+    (40, 448, 128, 2, None, {"NW": 4, "KW": 4}), (50, 320, 64, 9, 2, {"NW": 8, "KW": 2}),
 ])  # fmt: skip
-def test_kernel_matches_float64(monkeypatch, n, k, block, m, split):
+def test_kernel_matches_float64(monkeypatch, n, k, block, m, split, config):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     codes, lut, scales = _weight(n, k, block, seed=n + k + m)
     p = LM.pack_mma_weight(codes, lut, scales, block)
@@ -96,7 +97,7 @@ def test_kernel_matches_float64(monkeypatch, n, k, block, m, split):
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
         xd = x.to(dtype)
         ref = xd.double() @ w.T
-        y = LM.mma_linear(xd, p, path="mma", split_k=split, config={"NW": 2})
+        y = LM.mma_linear(xd, p, path="mma", split_k=split, config=config)
         assert y.dtype == dtype and y.shape == (m, n)
         assert float((y.double() - ref).norm() / ref.norm()) < tol
     # a wrong scale block, a swapped row half or a misplaced k would cost O(1) relative error
@@ -114,7 +115,14 @@ def test_dequant_kernel_is_bit_exact(monkeypatch):
         assert torch.equal(out, dequantize_reference(codes, lut, scales, block))
 
 
-def test_invalid_inputs_are_rejected():
+def test_tiles_per_program_keeps_enough_programs():
+    assert LM.tiles_per_program(8016, 8, 396) == 8  # LM head: one warp per 16-row tile
+    assert LM.tiles_per_program(896, 8, 396) == 2
+    assert LM.tiles_per_program(256, 8, 396) == 1  # all warps of a program split one tile's K
+    assert LM.tiles_per_program(3, 4, 396) == 1
+
+
+def test_invalid_inputs_are_rejected(monkeypatch):
     codes, lut, scales = _weight(16, 64, 64, seed=3)
     assert LM.mma_unsupported(3, 64, 64) and LM.mma_unsupported(4, 64, 72) and LM.mma_unsupported(4, 32, 128)
     assert LM.mma_unsupported(4, 64, 128) is None and LM.mma_unsupported(4, 128, 128) is None
@@ -133,6 +141,10 @@ def test_invalid_inputs_are_rejected():
         LM.mma_linear(torch.randn(2, 64), p, path="gemv")
     with pytest.raises(TypeError, match="bf16"):
         LM.mma_linear(torch.randn(2, 64).double(), p)
+    if LM.HAS_TRITON:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(ValueError, match="KW"):
+            LM.mma_linear(torch.randn(2, 64).bfloat16(), p, path="mma", config={"NW": 4, "KW": 3})
 
 
 @needs_triton

@@ -52,7 +52,16 @@ import torch
 from .common import HAS_TRITON, StrictLaunch, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
-from .lut_linear import _FAST_CHECKED, _check_fast, _choose_split, _fast_run, _Launch, _launcher_ok, _workspace
+from .lut_linear import (
+    _FAST_CHECKED,
+    _check_fast,
+    _choose_split,
+    _fast_run,
+    _Launch,
+    _launcher_ok,
+    _num_sms,
+    _workspace,
+)
 from .reference import dequantize_reference
 
 __all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mma_unsupported", "pack_mma_weight",
@@ -63,8 +72,10 @@ MMA_MAX_M = 64
 #: Launch defaults: warps per program, warps sharing one 16-row tile (each takes a slice of the program's K
 #: range; summed in shared memory), groups loaded ahead, table copies, programs per SM the split-K heuristic
 #: aims for (H100 sweeps, benchmarks/RESULTS.md section 5).
-MMA_DEFAULT = {"NW": 8, "KW": 1, "AHEAD": 2, "COPIES": 32, "PER_SM": 4}  # batches of up to 8 rows (one B tile)
-MMA_DEFAULT_WIDE = {"NW": 4, "KW": 1, "AHEAD": 1, "COPIES": 32, "PER_SM": 2}  # 9-16 rows per program (two B tiles)
+#: ``KW=None``: the fewest warps per tile that still give ``MIN_PROGRAMS_PER_SM`` programs per SM.
+MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1}  # up to 8 rows of x (one B tile)
+MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1}  # 9-16 rows (two B tiles)
+MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 TILE_ROWS, GROUP_K = 16, 64
 
@@ -606,6 +617,18 @@ def _kernel(fn, interpret: bool):
 # --------------------------------------------------------------------------------------
 
 
+def tiles_per_program(n_tiles: int, nw: int, min_programs: int) -> int:
+    """Row tiles per program (a power of two up to ``nw``): as many as still leave ``min_programs`` programs.
+
+    Measured on the H100 (RESULTS.md section 5): few row tiles (4096 rows) want one tile per program and all
+    warps splitting its K; the LM head (8016 tiles) one warp per tile; 14336 rows two tiles per program.
+    """
+    rt = nw
+    while rt > 1 and _cdiv(n_tiles, rt) < min_programs:
+        rt //= 2
+    return rt
+
+
 def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
     m, k = x2.shape
     n = p.out_features
@@ -623,6 +646,10 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
     f16 = x2.dtype == torch.float16
     m_tiles = _cdiv(m, 8 * mt)
     nw, kw = cfg["NW"], cfg["KW"]
+    if kw is None:
+        sms = 4 if interpret else _num_sms(x2.device.index if x2.device.index is not None else
+                                           torch.cuda.current_device())  # fmt: skip
+        kw = nw // tiles_per_program(p.n_tiles, nw, MIN_PROGRAMS_PER_SM * sms)
     if nw % kw:
         raise ValueError(f"config KW={kw} must divide NW={nw}")
     row_progs = _cdiv(p.n_tiles, nw // kw)
