@@ -15,7 +15,9 @@ runs in one of these forms, each in its own copy of the model on the GPU:
   fused decode-GEMV reads only compressed bytes.
 
 One decode step (batch 1) is a plain-torch forward: RMSNorm, RoPE, attention over a static KV
-cache of ``--context`` positions (masked beyond the current one), SwiGLU MLP, greedy argmax;
+cache of ``--context`` positions (masked beyond the current one), SwiGLU MLP, greedy argmax
+(``--compile``: the glue between the linear layers -- norms, residuals, RoPE, attention, SwiGLU -- goes
+through ``torch.compile``, which fuses it into a few kernels per layer; the linear layers stay as they are);
 the position lives on the GPU, so the whole step is captured in one CUDA graph and replayed.
 Tokens/s = steps / time over ``--steps`` replays (median of 3 repeats).
 
@@ -25,6 +27,7 @@ Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/decode_e2e.py --out
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -123,11 +126,57 @@ class GridLinear:
 # ---- the model ---------------------------------------------------------------------------------
 
 
+def _rms(x, w, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _rope(x, c, s):  # x [heads, d]; c, s [1, d/2]
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).to(x.dtype)
+
+
+def glue_norm(h, delta, w, eps):
+    """Residual add, then RMSNorm: ``(h + delta, rms(h + delta) * w)``."""
+    h = h + delta
+    return h, _rms(h, w, eps)
+
+
+def glue_attention(qkv, kc, vc, pos, mask, cos, sin, nh: int, kvh: int, d: int):
+    """RoPE, KV-cache write at ``pos`` and attention over the static cache (one layer, one token)."""
+    c, s = cos[pos], sin[pos]
+    q = _rope(qkv[: nh * d].view(nh, d), c, s)
+    k = _rope(qkv[nh * d : (nh + kvh) * d].view(kvh, d), c, s)
+    v = qkv[(nh + kvh) * d :].view(kvh, d)
+    kc.index_copy_(1, pos, k.unsqueeze(1))
+    vc.index_copy_(1, pos, v.unsqueeze(1))
+    qg = q.view(kvh, nh // kvh, d)
+    scores = torch.matmul(qg, kc.transpose(1, 2)).float() / math.sqrt(d)
+    probs = torch.softmax(scores.masked_fill(mask, float("-inf")), -1).to(torch.bfloat16)
+    return torch.matmul(probs, vc).reshape(1, nh * d)
+
+
+def glue_swiglu(gu):
+    g, u = gu.chunk(2, -1)
+    return F.silu(g) * u
+
+
+GLUE = {"norm": glue_norm, "attention": glue_attention, "swiglu": glue_swiglu}
+
+
+@functools.cache
+def compiled_glue() -> dict:
+    """The glue between the linear layers compiled by torch.compile (fused elementwise kernels); the linear
+    layers stay outside (each variant's own kernels)."""
+    return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in GLUE.items()}
+
+
 class Model:
     """Weights + a capturable decode step (batch 1)."""
 
-    def __init__(self, cfg, lin: dict, embed, norms, device, context: int):
+    def __init__(self, cfg, lin: dict, embed, norms, device, context: int, compiled: bool = False):
         self.cfg, self.lin, self.embed, self.norms, self.device = cfg, lin, embed, norms, device
+        self.glue = compiled_glue() if compiled else GLUE
         L, kvh, d = cfg["layers"], cfg["kv_heads"], cfg["head_dim"]
         self.kc = torch.zeros((L, kvh, context, d), dtype=torch.bfloat16, device=device)
         self.vc = torch.zeros_like(self.kc)
@@ -139,40 +188,19 @@ class Model:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.logits = None
 
-    def _rms(self, x, w):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.cfg["eps"])).to(x.dtype) * w
-
-    def _rope(self, x):  # x [heads, d]
-        c, s = self.cos[self.pos], self.sin[self.pos]  # [1, d/2]
-        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
-        return out.to(x.dtype)
-
     def step(self) -> None:
-        cfg = self.cfg
-        nh, kvh, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+        cfg, glue = self.cfg, self.glue
         h = self.embed[self.tok]  # [1, hidden]
         mask = self.ctx > self.pos  # [context]
+        a = glue["norm"](h, torch.zeros_like(h), self.norms[0][0], cfg["eps"])[1]
         for i in range(cfg["layers"]):
-            a = self._rms(h, self.norms[i][0])
             qkv = self.lin["qkv"][i](a)[0]
-            q = self._rope(qkv[: nh * d].view(nh, d))
-            k = self._rope(qkv[nh * d : (nh + kvh) * d].view(kvh, d))
-            v = qkv[(nh + kvh) * d :].view(kvh, d)
-            self.kc[i].index_copy_(1, self.pos, k.unsqueeze(1))
-            self.vc[i].index_copy_(1, self.pos, v.unsqueeze(1))
-            qg = q.view(kvh, nh // kvh, d)
-            scores = torch.matmul(qg, self.kc[i].transpose(1, 2)).float() / math.sqrt(d)
-            probs = torch.softmax(scores.masked_fill(mask, float("-inf")), -1).to(torch.bfloat16)
-            att = torch.matmul(probs, self.vc[i]).reshape(1, nh * d)
-            h = h + self.lin["o"][i](att)
-            a = self._rms(h, self.norms[i][1])
-            gu = self.lin["gate_up"][i](a)
-            g, u = gu.chunk(2, -1)
-            h = h + self.lin["down"][i](F.silu(g) * u)
-        h = self._rms(h, self.norms[-1][0])
-        self.logits = self.lin["lm_head"](h)
+            att = glue["attention"](qkv, self.kc[i], self.vc[i], self.pos, mask, self.cos, self.sin, cfg["heads"],
+                                    cfg["kv_heads"], cfg["head_dim"])  # fmt: skip
+            h, a = glue["norm"](h, self.lin["o"][i](att), self.norms[i][1], cfg["eps"])
+            down = self.lin["down"][i](glue["swiglu"](self.lin["gate_up"][i](a)))
+            h, a = glue["norm"](h, down, self.norms[i + 1][0], cfg["eps"])  # (the last entry: the final norm)
+        self.logits = self.lin["lm_head"](a)
         self.tok.copy_(self.logits.argmax(-1))
         self.pos.add_(1)
 
@@ -292,6 +320,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--variants", nargs="+", default=["bf16", "lut4", "grid"])
     ap.add_argument("--grid-layout", choices=("prefix", "rans"), default="prefix")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the glue between the linear layers")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
@@ -311,7 +340,7 @@ def main() -> None:
     if "grid" in args.variants:
         glin, res["grid_layers"] = grid_from_bf16(lin, cfg, args.bits, args.segments, args.distinct, device,
                                                   args.grid_layout)
-        models["grid"] = Model(cfg, glin, embed, norms, device, args.context)
+        models["grid"] = Model(cfg, glin, embed, norms, device, args.context, args.compile)
         # the same grid weights through the decode-to-scratch path: an independent check of the fused GEMV
         dense = {p: ([GridLinear(m.p, "dense") for m in v] if isinstance(v, list) else GridLinear(v.p, "dense"))
                  for p, v in glin.items()}  # fmt: skip
@@ -326,13 +355,13 @@ def main() -> None:
         log("grid fused GEMV vs decode+matmul, first step:", res["grid_check"])
         del check, dense
     if "bf16" in args.variants:
-        models["bf16"] = Model(cfg, lin, embed, norms, device, args.context)
+        models["bf16"] = Model(cfg, lin, embed, norms, device, args.context, args.compile)
     if "lut4" in args.variants:
         try:
             shp = shapes(cfg)
             llin = {p: [LutLinear(*shp[p], device, gen) for _ in range(cfg["layers"])] for p in PROJ}
             llin["lm_head"] = LutLinear(*shp["lm_head"], device, gen)
-            models["lut4"] = Model(cfg, llin, embed, norms, device, args.context)
+            models["lut4"] = Model(cfg, llin, embed, norms, device, args.context, args.compile)
         except Exception as exc:
             res["lut4_error"] = repr(exc)[:500]
             log("lut4 build failed:", exc)
@@ -340,7 +369,7 @@ def main() -> None:
         shp = shapes(cfg)
         mlin = {p: [MmaLinear(*shp[p], device, gen) for _ in range(cfg["layers"])] for p in PROJ}
         mlin["lm_head"] = MmaLinear(*shp["lm_head"], device, gen)
-        models["lut4mma"] = Model(cfg, mlin, embed, norms, device, args.context)
+        models["lut4mma"] = Model(cfg, mlin, embed, norms, device, args.context, args.compile)
     res["results"] = {}
     for name in ("bf16", "lut4", "lut4mma", "grid"):
         if name not in models:
