@@ -82,6 +82,26 @@ def sweep(device, hbm, shapes, block, m=1) -> list[dict]:
     return out
 
 
+def ahead_sweep(device, hbm, shapes, block) -> list[dict]:
+    """Batch 1 and 4, default warps per tile: stages loaded ahead x register cap."""
+    out = []
+    for n, k in shapes:
+        case = KB.Case(n, k, 4, block, device, peers=False)
+        packs = mma_copies(case, case.n_rot)
+        for m in (1, 4):
+            x = case.x(m)
+            for ahead, cap in itertools.product((2, 3), (0, 80, 96)):
+                cfg = dict(AHEAD=ahead, MAXNREG=cap)
+                t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg),
+                                   case.n_rot)  # fmt: skip
+                out.append(dict(n=n, k=k, m=m, config=cfg, time_us=t,
+                                pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm))  # fmt: skip
+                log(f"ahead M={m} {n}x{k} {cfg}: {t:.1f} us")
+        case = packs = None
+        torch.cuda.empty_cache()
+    return out
+
+
 def table(device, hbm, shapes, batches, block) -> list[dict]:
     out = []
     for n, k in shapes:
@@ -133,6 +153,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64, 256])
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--config", default=None, help="JSON dict merged into MMA_DEFAULT before the table")
+    ap.add_argument("--shapes", nargs="+", default=None, help="NxK layer shapes (default: the 8B-Llama four)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
@@ -144,6 +165,7 @@ def main() -> None:
     log(f"HBM copy bandwidth {hbm:.0f} GB/s")
     if args.config:
         LM.MMA_DEFAULT.update(json.loads(args.config))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else KB.SHAPES
     path = os.path.join(args.out, "lut_mma.json")
 
     def save():
@@ -154,13 +176,16 @@ def main() -> None:
         res["checks"] = check(device)
         save()
     if "sweep" in args.parts:
-        res["sweep"] = sweep(device, hbm, KB.SHAPES, args.block)
+        res["sweep"] = sweep(device, hbm, shapes, args.block)
+        save()
+    if "asweep" in args.parts:  # deeper prefetch (needs a register cap above ptxas' choice of 64)
+        res["asweep"] = ahead_sweep(device, hbm, shapes, args.block)
         save()
     if "msweep" in args.parts:  # the same at decode batches 4 and 16
-        res["msweep"] = sweep(device, hbm, KB.SHAPES, args.block, m=4) + sweep(device, hbm, KB.SHAPES, args.block, m=16)
+        res["msweep"] = sweep(device, hbm, shapes, args.block, m=4) + sweep(device, hbm, shapes, args.block, m=16)
         save()
     if "table" in args.parts:
-        res["table"] = table(device, hbm, KB.SHAPES, args.batches, args.block)
+        res["table"] = table(device, hbm, shapes, args.batches, args.block)
         save()
         print_table(res["table"])
     log(f"done in {time.time() - KB.T0:.0f} s; MMA_DEFAULT {LM.MMA_DEFAULT}")
