@@ -482,11 +482,8 @@ def _mma_gemv_kernel(
     q0 = u0 * SG
     w0, w1, w2, w3, p0, p1, p2, p3, r0, r1, r2, r3 = _stage(w_lane, x_a, x_b, q0, q_hi, kc, tile_ok, ok_a, ok_b, K,
                                                             MT, ASM)  # fmt: skip
-    if AHEAD >= 2:
+    if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
         v0, v1, v2, v3, pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _stage(w_lane, x_a, x_b, q0 + 1, q_hi, kc, tile_ok,
-                                                                        ok_a, ok_b, K, MT, ASM)  # fmt: skip
-    if AHEAD == 3:
-        z0, z1, z2, z3, pz0, pz1, pz2, pz3, rz0, rz1, rz2, rz3 = _stage(w_lane, x_a, x_b, q0 + 2, q_hi, kc, tile_ok,
                                                                         ok_a, ok_b, K, MT, ASM)  # fmt: skip
     if ASM:
         _fill_table(tab_ptr, t, NT, COPIES)
@@ -513,13 +510,7 @@ def _mma_gemv_kernel(
                     e0, e1, e2, e3 = _mma(a0, a1, a2, a3, b, e0, e1, e2, e3, NW, F16, ASM)
                 else:
                     f0, f1, f2, f3 = _mma(a0, a1, a2, a3, b, f0, f1, f2, f3, NW, F16, ASM)
-            if AHEAD == 3:  # rotate the stages
-                w0, w1, w2, w3, v0, v1, v2, v3, z0, z1, z2, z3 = v0, v1, v2, v3, z0, z1, z2, z3, n0, n1, n2, n3
-                p0, p1, p2, p3, pv0, pv1, pv2, pv3 = pv0, pv1, pv2, pv3, pz0, pz1, pz2, pz3
-                pz0, pz1, pz2, pz3 = pn0, pn1, pn2, pn3
-                r0, r1, r2, r3, rv0, rv1, rv2, rv3 = rv0, rv1, rv2, rv3, rz0, rz1, rz2, rz3
-                rz0, rz1, rz2, rz3 = rn0, rn1, rn2, rn3
-            elif AHEAD == 2:
+            if AHEAD == 2:  # rotate the stages
                 w0, w1, w2, w3, v0, v1, v2, v3 = v0, v1, v2, v3, n0, n1, n2, n3
                 p0, p1, p2, p3, pv0, pv1, pv2, pv3 = pv0, pv1, pv2, pv3, pn0, pn1, pn2, pn3
                 r0, r1, r2, r3, rv0, rv1, rv2, rv3 = rv0, rv1, rv2, rv3, rn0, rn1, rn2, rn3
