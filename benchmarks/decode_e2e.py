@@ -150,6 +150,10 @@ def glue_attention(qkv, kc, vc, pos, mask, cos, sin, nh: int, kvh: int, d: int):
     v = qkv[(nh + kvh) * d :].view(kvh, d)
     kc.index_copy_(1, pos, k.unsqueeze(1))
     vc.index_copy_(1, pos, v.unsqueeze(1))
+    if SDPA:  # (what transformers' Llama uses by default)
+        att = F.scaled_dot_product_attention(q.view(1, nh, 1, d), kc.unsqueeze(0), vc.unsqueeze(0),
+                                             attn_mask=~mask.view(1, 1, 1, -1), enable_gqa=True)  # fmt: skip
+        return att.reshape(1, nh * d)
     qg = q.view(kvh, nh // kvh, d)
     scores = torch.matmul(qg, kc.transpose(1, 2)).float() / math.sqrt(d)
     probs = torch.softmax(scores.masked_fill(mask, float("-inf")), -1).to(torch.bfloat16)
@@ -161,6 +165,7 @@ def glue_swiglu(gu):
     return F.silu(g) * u
 
 
+SDPA = False  # --sdpa: attention through F.scaled_dot_product_attention instead of matmul + softmax + matmul
 GLUE = {"norm": glue_norm, "attention": glue_attention, "swiglu": glue_swiglu}
 
 
@@ -321,7 +326,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["bf16", "lut4", "grid"])
     ap.add_argument("--grid-layout", choices=("prefix", "rans"), default="prefix")
     ap.add_argument("--compile", action="store_true", help="torch.compile the glue between the linear layers")
+    ap.add_argument("--sdpa", action="store_true", help="attention via F.scaled_dot_product_attention")
     args = ap.parse_args()
+    global SDPA
+    SDPA = args.sdpa
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(7)
