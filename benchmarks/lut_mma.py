@@ -102,6 +102,28 @@ def ahead_sweep(device, hbm, shapes, block) -> list[dict]:
     return out
 
 
+def eager_overhead(device) -> dict:
+    """Host time per eager call at batch 1 (what generate() without CUDA graphs pays per layer)."""
+    case = KB.Case(4096, 4096, 4, 128, device, peers=True)
+    packs = mma_copies(case, 1)
+    x = case.x(1)
+    calls = {"bf16": lambda: torch.nn.functional.linear(x, case.w_bf16s[0]),
+             "planes": lambda: KB.LL.lut_linear(x, case.packs[0]), "mma": lambda: LM.mma_linear(x, packs[0])}
+    out = {}
+    for name, fn in calls.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        out[name + "_us_per_call"] = (time.perf_counter() - t) / 500 * 1e6
+    out["fast_launch_checked"] = dict(KB.LL._FAST_CHECKED)
+    log("eager:", out)
+    return out
+
+
 def table(device, hbm, shapes, batches, block) -> list[dict]:
     out = []
     for n, k in shapes:
@@ -180,6 +202,9 @@ def main() -> None:
         save()
     if "asweep" in args.parts:  # deeper prefetch (needs a register cap above ptxas' choice of 64)
         res["asweep"] = ahead_sweep(device, hbm, shapes, args.block)
+        save()
+    if "eager" in args.parts:
+        res["eager"] = eager_overhead(device)
         save()
     if "msweep" in args.parts:  # the same at decode batches 4 and 16
         res["msweep"] = sweep(device, hbm, shapes, args.block, m=4) + sweep(device, hbm, shapes, args.block, m=16)
