@@ -19,8 +19,8 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "jit_or_interpret", "scratch_weight", "tl", "triton",
-           "use_triton"]
+__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "jit_or_interpret", "linear_input", "scratch_weight",
+           "tl", "triton", "use_triton"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -56,6 +56,21 @@ class StrictLaunch:
             return launch(*args, **kwargs)
 
         return checked
+
+
+def linear_input(x: torch.Tensor, in_features: int, paths: tuple[str, ...], path: str | None):
+    """Validate a quantised linear layer's input and ``path`` argument; return ``x`` as a 2-D matrix with
+    contiguous rows and the leading shape of the result."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {in_features}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if path is not None and path not in paths:
+        raise ValueError(f"path must be {', '.join(repr(q) for q in paths)} or None, got {path!r}")
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, x.shape[:-1]
 
 
 def use_triton(t: torch.Tensor) -> bool:

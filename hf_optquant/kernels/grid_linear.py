@@ -57,7 +57,7 @@ from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, PROB_SCALE, H
 from ..coding.stream import decode_symbols, encode_tensors, lane_last_reads
 from ..formats.grid import GridElement
 from ..formats.tensor import EncodedTensor, TensorFormat
-from .common import HAS_TRITON, jit_or_interpret, scratch_weight, tl, use_triton
+from .common import HAS_TRITON, jit_or_interpret, linear_input, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .prefix_linear import PackedPrefixWeight, decode_prefix_weight, escape_weights, pack_prefix_weight, prefix_linear
@@ -686,16 +686,7 @@ def grid_linear(x: torch.Tensor, packed: PackedGridWeight, *, path: str | None =
     if isinstance(packed, PackedPrefixWeight):
         return prefix_linear(x, packed, path=path)
     k, n = packed.in_features, packed.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if path not in (None, "gemv", "dense", "torch"):
-        raise ValueError(f"path must be 'gemv', 'dense', 'torch' or None, got {path!r}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = linear_input(x, k, ("gemv", "dense", "torch"), path)
     m = x2.shape[0]
     if m == 0 or n == 0:
         return x.new_zeros(*lead, n)

@@ -88,7 +88,7 @@ import types
 
 import torch
 
-from .common import HAS_TRITON, StrictLaunch, tl, triton
+from .common import HAS_TRITON, StrictLaunch, linear_input, tl, triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .reference import dequantize_reference
@@ -1136,15 +1136,18 @@ def _format_meta(p: PackedLutWeight, k: int) -> dict:
     )
 
 
+def lut_fits_fp16(lut: torch.Tensor) -> bool:
+    """Whether every nonzero table value lies in fp16's normal range (relative rounding error <= 2**-11)."""
+    mag = lut.abs()
+    mag = mag[mag > 0]
+    return bool(mag.numel() == 0 or (mag.min() >= 2.0**-14 and mag.max() <= 65504))
+
+
 def _lut_fits_fp16(p: PackedLutWeight) -> bool:
-    """Whether every nonzero table value lies in fp16's normal range (relative rounding error
-    <= 2**-11); cached on the weight (one device sync)."""
+    """:func:`lut_fits_fp16` of the weight's table, cached on the weight (one device sync)."""
     ok = p._launch_cache.get("lut_fits_fp16")
     if ok is None:
-        mag = p.lut.abs()
-        mag = mag[mag > 0]
-        ok = bool(mag.numel() == 0 or (mag.min() >= 2.0**-14 and mag.max() <= 65504))
-        p._launch_cache["lut_fits_fp16"] = ok
+        ok = p._launch_cache["lut_fits_fp16"] = lut_fits_fp16(p.lut)
     return ok
 
 
@@ -1449,16 +1452,7 @@ def lut_linear(
     kernel config (tile sizes, ``num_warps``, table variant) instead of autotuning.
     """
     k, n = packed.in_features, packed.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
-    lead = x.shape[:-1]
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if path not in (None, "gemv", "gemm", "dequant", "torch"):
-        raise ValueError(f"path must be 'gemv', 'gemm', 'dequant', 'torch' or None, got {path!r}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = linear_input(x, k, ("gemv", "gemm", "dequant", "torch"), path)
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)

@@ -45,11 +45,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import types
 
 import torch
 
-from .common import HAS_TRITON, StrictLaunch, scratch_weight, tl, use_triton
+from .common import HAS_TRITON, StrictLaunch, linear_input, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .lut_linear import (
@@ -60,7 +59,10 @@ from .lut_linear import (
     _Launch,
     _launcher_ok,
     _num_sms,
+    _pick_scale_dtype,
+    _rebind,
     _workspace,
+    lut_fits_fp16,
 )
 from .reference import dequantize_reference
 
@@ -141,19 +143,6 @@ def _pair_table(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(pair >= 2**31, pair - 2**32, pair).to(torch.int32)
 
 
-def _fits_f16(lut: torch.Tensor) -> bool:
-    mag = lut.abs()
-    mag = mag[mag > 0]
-    return bool(mag.numel() == 0 or (mag.min() >= 2.0**-14 and mag.max() <= 65504))
-
-
-def _lossless_scales(scales: torch.Tensor) -> torch.Tensor:
-    for dt in (torch.bfloat16, torch.float16):
-        if torch.equal(scales.to(dt).to(torch.float32), scales):
-            return scales.to(dt)
-    return scales
-
-
 def fragment_words(codes: torch.Tensor) -> torch.Tensor:
     """int32 ``[n_tiles, n_groups, 32, 4]`` words of 4-bit ``codes [N, K]`` (layout: module docstring)."""
     n, k = codes.shape
@@ -207,12 +196,13 @@ def pack_mma_weight(codes: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor
     if int(codes.min()) < 0 or int(codes.max()) > 15:
         raise ValueError("codes must lie in [0, 16)")
     lut32 = lut.detach().to("cpu", torch.float32).reshape(16)
+    scales32 = scales.detach().to(device, torch.float32)
     return MmaLutWeight(
         words=fragment_words(codes),
         lut=lut32.to(device),
         pairs_bf16=_pair_table(lut32, torch.bfloat16).to(device),
-        pairs_f16=_pair_table(lut32, torch.float16).to(device) if _fits_f16(lut32) else None,
-        scales=_lossless_scales(scales.detach().to(device, torch.float32)).contiguous(),
+        pairs_f16=_pair_table(lut32, torch.float16).to(device) if lut_fits_fp16(lut32) else None,
+        scales=scales32.to(_pick_scale_dtype(scales32, "auto")).contiguous(),
         out_features=n,
         in_features=k,
         scale_block=min(block_size, k),
@@ -594,12 +584,6 @@ if HAS_TRITON:
         globals()[_name] = _JITFunction(_PLAIN[_name])
 
 
-def _rebind(fn, glb):
-    copy = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    return copy
-
-
 @functools.cache
 def _kernel(fn, interpret: bool):
     """``fn`` jitted, or interpreted with the plain helpers (strict about keyword arguments)."""
@@ -713,15 +697,8 @@ def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, spl
     ``split_k`` / ``config`` override the K slices and the launch defaults (``MMA_DEFAULT``).
     """
     k, n = p.in_features, p.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if path not in (None, "mma", "dequant", "torch"):
-        raise ValueError(f"path must be 'mma', 'dequant', 'torch' or None, got {path!r}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
+    x2, lead = linear_input(x, k, ("mma", "dequant", "torch"), path)
+    if x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
         x2 = x2.clone(memory_format=torch.contiguous_format)
     m = x2.shape[0]
     if m == 0:

@@ -47,7 +47,7 @@ from ..coding.prefix import (
     lookup_table,
 )
 from ..coding.table import build_code_table
-from .common import HAS_TRITON, jit_or_interpret, scratch_weight, tl, use_triton
+from .common import HAS_TRITON, jit_or_interpret, linear_input, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 
@@ -553,16 +553,7 @@ def prefix_linear(x: torch.Tensor, packed: PackedPrefixWeight, *, path: str | No
     scattered dense decode), ``dense`` above; the torch path without Triton.
     """
     k, n = packed.in_features, packed.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if path not in (None, "gemv", "dense", "torch"):
-        raise ValueError(f"path must be 'gemv', 'dense', 'torch' or None, got {path!r}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = linear_input(x, k, ("gemv", "dense", "torch"), path)
     m = x2.shape[0]
     if m == 0 or n == 0:
         return x.new_zeros(*lead, n)
