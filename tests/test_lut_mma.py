@@ -20,6 +20,14 @@ from hf_optquant.kernels.reference import dequantize_reference
 from hf_optquant.nn import QuantLinear
 
 needs_triton = pytest.mark.skipif(not LM.HAS_TRITON, reason="needs triton (its interpreter)")
+#: Kernel tests run compiled on a GPU where there is one, else in Triton's interpreter (which a GPU machine's
+#: Triton may not offer once it was imported without TRITON_INTERPRET).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels_here(monkeypatch) -> None:
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _weight(n: int, k: int, block: int, seed: int):
@@ -89,29 +97,30 @@ def test_codes_round_trip(n, k):
     (40, 448, 128, 2, None, {"NW": 4, "KW": 4}), (50, 320, 64, 9, 2, {"NW": 8, "KW": 2}),
 ])  # fmt: skip
 def test_kernel_matches_float64(monkeypatch, n, k, block, m, split, config):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _kernels_here(monkeypatch)
     codes, lut, scales = _weight(n, k, block, seed=n + k + m)
-    p = LM.pack_mma_weight(codes, lut, scales, block)
+    p = LM.pack_mma_weight(codes, lut, scales, block, device=DEV)
     w = dequantize_reference(codes, lut, scales, block, dtype=torch.float64)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
         xd = x.to(dtype)
         ref = xd.double() @ w.T
-        y = LM.mma_linear(xd, p, path="mma", split_k=split, config=config)
+        y = LM.mma_linear(xd.to(DEV), p, path="mma", split_k=split, config=config).cpu()
         assert y.dtype == dtype and y.shape == (m, n)
         assert float((y.double() - ref).norm() / ref.norm()) < tol
     # a wrong scale block, a swapped row half or a misplaced k would cost O(1) relative error
-    y32 = LM.mma_linear(x, p)  # fp32 activations: dequantise + matmul
-    torch.testing.assert_close(y32.double(), x.double() @ w.T, rtol=1e-5, atol=1e-4)
+    y32 = LM.mma_linear(x.to(DEV), p).cpu()  # fp32 activations: dequantise + matmul
+    tf32 = DEV == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    torch.testing.assert_close(y32.double(), x.double() @ w.T, rtol=1e-2 if tf32 else 1e-5, atol=1e-4)
 
 
 @needs_triton
 def test_dequant_kernel_is_bit_exact(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _kernels_here(monkeypatch)
     for n, k, block in ((37, 192, 64), (16, 80, 80)):
         codes, lut, scales = _weight(n, k, block, seed=k)
-        p = LM.pack_mma_weight(codes, lut, scales, block)
-        out = LM.decode_mma_weight(p, torch.float32)
+        p = LM.pack_mma_weight(codes, lut, scales, block, device=DEV)
+        out = LM.decode_mma_weight(p, torch.float32).cpu()
         assert torch.equal(out, dequantize_reference(codes, lut, scales, block))
 
 
@@ -142,14 +151,14 @@ def test_invalid_inputs_are_rejected(monkeypatch):
     with pytest.raises(TypeError, match="bf16"):
         LM.mma_linear(torch.randn(2, 64).double(), p)
     if LM.HAS_TRITON:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        _kernels_here(monkeypatch)
         with pytest.raises(ValueError, match="KW"):
-            LM.mma_linear(torch.randn(2, 64).bfloat16(), p, path="mma", config={"NW": 4, "KW": 3})
+            LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="mma", config={"NW": 4, "KW": 3})
 
 
 @needs_triton
 def test_quant_linear_uses_the_fragment_layout_for_4bit_codes(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _kernels_here(monkeypatch)
     w = torch.distributions.StudentT(5.0).sample((36, 192)) * 0.02
     for scaling, layout in ((Scaling("block", 64, "absmax"), LM.MmaLutWeight),
                             (Scaling("channel", 1, "rms"), LM.MmaLutWeight),
@@ -158,7 +167,7 @@ def test_quant_linear_uses_the_fragment_layout_for_4bit_codes(monkeypatch):
         layer = QuantLinear.from_encoded(fit.encoded)
         layer.kernels = True
         x = torch.randn(3, 192).bfloat16()
-        y = layer(x)
-        assert isinstance(layer.runtime_weight(x.device).packed, layout)
+        y = layer.to(DEV)(x.to(DEV)).cpu()
+        assert isinstance(layer.runtime_weight(torch.device(DEV)).packed, layout)
         ref = x.double() @ layer.format.decode(layer.encoded).double().T
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
