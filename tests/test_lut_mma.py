@@ -167,7 +167,7 @@ def test_quant_linear_uses_the_fragment_layout_for_4bit_codes(monkeypatch):
         layer = QuantLinear.from_encoded(fit.encoded)
         layer.kernels = True
         x = torch.randn(3, 192).bfloat16()
+        ref = x.double() @ layer.format.decode(layer.encoded).double().T  # (the format decodes on the CPU)
         y = layer.to(DEV)(x.to(DEV)).cpu()
         assert isinstance(layer.runtime_weight(torch.device(DEV)).packed, layout)
-        ref = x.double() @ layer.format.decode(layer.encoded).double().T
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
