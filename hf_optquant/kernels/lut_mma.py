@@ -2,12 +2,12 @@
 """Tensor-core decode GEMV for 4-bit lookup-table weights: codes stored in ``mma.sync`` fragment order.
 
 Why a second 4-bit layout.  The CUDA-core GEMV of :mod:`.lut_linear` spends ~4.7 instructions per
-code (extract, table read, two converts, two FMAs per pair) and is issue-bound below the HBM rate
-(Nsight Compute, benchmarks/kernels_notes.md).  Here the multiply-adds go to the tensor cores: one
-32-bit word of codes is exactly one thread's share of the A operand of ``mma.m16n8k16`` (16 weight
-rows x 16 k), so per word a thread does four pair-table reads and one ``mma`` -- about 2
-instructions per code -- and batches of up to 8 activation rows (16 with two B tiles) cost the same
-decode as one.
+code (extract, table read, two converts, two FMAs per pair) and stays below the HBM rate (Nsight
+Compute, benchmarks/kernels_notes.md).  Here the multiply-adds go to the tensor cores: one 32-bit word
+of codes is exactly one thread's share of the A operand of ``mma.m16n8k16`` (16 weight rows x 16 k),
+so per word a thread does four pair-table reads and one ``mma`` -- 2.75 SASS instructions per code in
+the batch-1 loop -- and batches of up to 8 activation rows (16 with two B tiles) cost the same decode
+as one.
 
 Layout (:class:`MmaLutWeight`)
 ------------------------------
