@@ -152,8 +152,10 @@ def test_invalid_inputs_are_rejected(monkeypatch):
         LM.mma_linear(torch.randn(2, 64).double(), p)
     if LM.HAS_TRITON:
         _kernels_here(monkeypatch)
-        with pytest.raises(ValueError, match="KW"):
-            LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="mma", config={"NW": 4, "KW": 3})
+        for bad, field in (({"NW": 4, "KW": 3}, "KW"), ({"AHEAD": 3}, "AHEAD"), ({"COPIES": 16}, "COPIES"),
+                           ({"NW": 6}, "NW")):  # fmt: skip
+            with pytest.raises(ValueError, match=field):
+                LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="mma", config=bad)
 
 
 @needs_triton

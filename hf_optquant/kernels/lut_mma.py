@@ -613,51 +613,70 @@ def tiles_per_program(n_tiles: int, nw: int, min_programs: int) -> int:
     return rt
 
 
-def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
-    m, k = x2.shape
-    n = p.out_features
-    fast = not interpret and config is None and _FAST_CHECKED.get("mma") is not False and _launcher_ok()
-    key = ("mma", m, x2.dtype, x2.stride(0), split_k, x2.device.index)
-    rec = p._launch_cache.get(key) if fast else None
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    if rec is not None and _FAST_CHECKED.get("mma"):
-        ws, cnt = _workspace(x2.device, rec.n_part, rec.n_cnt) if rec.split > 1 else (y, y)
-        _fast_run(rec, x2.device, (x2, y, ws, cnt))
-        return y
+def _knobs() -> tuple:
+    return tuple(MMA_DEFAULT.values()) + tuple(MMA_DEFAULT_WIDE.values()) + (MIN_PROGRAMS_PER_SM,)
 
+
+def _check_config(cfg: dict, kw: int) -> None:
+    """Launch configs the kernel supports (ValueError naming the field otherwise)."""
+    nw = cfg["NW"]
+    if nw not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config NW must be 1, 2, 4, 8 or 16, got {nw!r}")
+    if kw not in (1, 2, 4, 8, 16) or nw % kw:
+        raise ValueError(f"config KW={kw!r} must be a power of two that divides NW={nw}")
+    if cfg["AHEAD"] not in (1, 2):
+        raise ValueError(f"config AHEAD must be 1 or 2, got {cfg['AHEAD']!r}")
+    if cfg["COPIES"] not in (8, 32):
+        raise ValueError(f"config COPIES must be 8 or 32, got {cfg['COPIES']!r}")
+
+
+def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bool, split_k: int | None,
+               config: dict | None):  # fmt: skip
+    """Kernel arguments, constexprs, grid and split-K sizes of one GEMV call."""
+    m, k = x2.shape
     mt = 1 if m <= 8 else 2
     cfg = dict(MMA_DEFAULT if mt == 1 else MMA_DEFAULT_WIDE, **(config or {}))
-    f16 = x2.dtype == torch.float16
     m_tiles = _cdiv(m, 8 * mt)
     nw, kw = cfg["NW"], cfg["KW"]
     if kw is None:
         sms = 4 if interpret else _num_sms(x2.device.index if x2.device.index is not None else
                                            torch.cuda.current_device())  # fmt: skip
         kw = nw // tiles_per_program(p.n_tiles, nw, MIN_PROGRAMS_PER_SM * sms)
-    if nw % kw:
-        raise ValueError(f"config KW={kw} must divide NW={nw}")
+    _check_config(cfg, kw)
     row_progs = _cdiv(p.n_tiles, nw // kw)
     row_scale = p.scales.shape[1] == 1
     sg = 1 if row_scale else p.scale_block // GROUP_K
     n_units = _cdiv(p.n_groups, sg)
-    kern = _kernel(_mma_gemv_kernel, interpret)
-    args = dict(x_ptr=x2, w_ptr=p.words, tab_ptr=p.pairs_f16 if f16 else p.pairs_bf16, s_ptr=p.scales, y_ptr=y,
-                ws_ptr=y, cnt_ptr=y, M=m, N=n, K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
-                lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units, n_split=1)  # fmt: skip
-    meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
-                ASM=not interpret, SPLIT=True, num_warps=nw, num_stages=1)  # fmt: skip
-    if cfg.get("MAXNREG"):  # (ptxas otherwise keeps 8-warp programs at 64 registers: AHEAD 3 would spill)
-        meta["maxnreg"] = cfg["MAXNREG"]
     if split_k is None:
         split_k = _choose_split(row_progs * m_tiles, n_units, x2.device, per_sm=cfg["PER_SM"])
     split = max(1, min(int(split_k), n_units))
     split = _cdiv(n_units, _cdiv(n_units, split))  # no empty slices
-    n_part, n_cnt = split * m * n, row_progs * m_tiles
+    n_part, n_cnt = split * m * y.shape[1], row_progs * m_tiles
     ws, cnt = _workspace(x2.device, n_part, n_cnt) if split > 1 else (y, y)
-    args.update(ws_ptr=ws, cnt_ptr=cnt, n_split=split)
-    meta["SPLIT"] = split > 1
-    grid = (row_progs, m_tiles, split)
-    compiled = kern[grid](*args.values(), **meta)
+    f16 = x2.dtype == torch.float16
+    args = dict(x_ptr=x2, w_ptr=p.words, tab_ptr=p.pairs_f16 if f16 else p.pairs_bf16, s_ptr=p.scales, y_ptr=y,
+                ws_ptr=ws, cnt_ptr=cnt, M=m, N=y.shape[1], K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
+                lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units,
+                n_split=split)  # fmt: skip
+    meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
+                ASM=not interpret, SPLIT=split > 1, num_warps=nw, num_stages=1)  # fmt: skip
+    if cfg.get("MAXNREG"):  # (ptxas keeps 8-warp programs at 64 registers; caps above measured mixed)
+        meta["maxnreg"] = cfg["MAXNREG"]
+    return args, meta, (row_progs, m_tiles, split), split, n_part, n_cnt
+
+
+def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
+    """Run the GEMV; eager calls reuse a launch record cached on the weight (Triton's launcher called directly)."""
+    fast = not interpret and config is None and _FAST_CHECKED.get("mma") is not False and _launcher_ok()
+    key = ("mma", x2.shape[0], x2.dtype, x2.stride(0), split_k, x2.device.index, _knobs())
+    rec = p._launch_cache.get(key) if fast else None
+    y = torch.empty((x2.shape[0], p.out_features), device=x2.device, dtype=x2.dtype)
+    if rec is not None and _FAST_CHECKED.get("mma"):
+        ws, cnt = _workspace(x2.device, rec.n_part, rec.n_cnt) if rec.split > 1 else (y, y)
+        _fast_run(rec, x2.device, (x2, y, ws, cnt))
+        return y
+    args, meta, grid, split, n_part, n_cnt = _gemv_plan(x2, p, y, interpret, split_k, config)
+    compiled = _kernel(_mma_gemv_kernel, interpret)[grid](*args.values(), **meta)
     if fast and rec is None and compiled is not None:
         names = tuple(inspect.signature(_mma_gemv_kernel).parameters)
         allargs = {**args, **meta}
