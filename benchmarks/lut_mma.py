@@ -7,6 +7,10 @@ all timed with CUDA-graph replays rotating over enough weight copies to defeat t
 in the same run (device-to-device copy).  First, correctness on the GPU against a float64 reference
 (odd shapes, batches 1-64, bf16 and fp16, block 64 / 128 / per row) and a launch-config sweep at batch 1.
 
+Parts (``--parts``): ``check`` (GPU correctness), ``sweep`` (batch-1 launch configs), ``msweep`` (the same at
+batch 4 and 16), ``asweep`` (prefetch depth x register cap), ``table`` (the RESULTS table), ``eager`` (host time
+per eager call); ``--shapes NxK ...`` replaces the four 8B-Llama shapes.
+
 Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/lut_mma.py --out $OUT``.
 """
 
