@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import types
 
 import torch
 
@@ -19,8 +20,8 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "jit_or_interpret", "linear_input", "scratch_weight",
-           "tl", "triton", "use_triton"]
+__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "interpreted", "jit_helpers", "jit_or_interpret",
+           "linear_input", "scratch_weight", "tl", "triton", "use_triton"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -56,6 +57,36 @@ class StrictLaunch:
             return launch(*args, **kwargs)
 
         return checked
+
+
+def jit_helpers(module_globals: dict, names: tuple[str, ...]) -> dict:
+    """Turn a kernel module's plain helper functions ``names`` into JITFunctions in place (what compiled kernels
+    call) and return the plain ones (what :func:`interpreted` kernels call)."""
+    plain = {name: module_globals[name] for name in names}
+    if HAS_TRITON:
+        from triton.runtime.jit import JITFunction
+
+        for name, fn in plain.items():
+            module_globals[name] = JITFunction(fn)
+    return plain
+
+
+def _rebind(fn, glb: dict):
+    copy = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    return copy
+
+
+def interpreted(fn, plain: dict) -> StrictLaunch:
+    """``fn`` for Triton's interpreter: a copy that (like its helpers) sees the ``plain`` helpers of
+    :func:`jit_helpers`, strict about keyword arguments."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    glb = dict(fn.__globals__)
+    glb.update({name: _rebind(f, glb) for name, f in plain.items()})
+    return StrictLaunch(InterpretedFunction(_rebind(fn, glb)), fn)
 
 
 def linear_input(x: torch.Tensor, in_features: int, paths: tuple[str, ...], path: str | None):

@@ -84,11 +84,10 @@ import functools
 import inspect
 import math
 import os
-import types
 
 import torch
 
-from .common import HAS_TRITON, StrictLaunch, linear_input, tl, triton
+from .common import HAS_TRITON, interpreted, jit_helpers, linear_input, tl, triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .reference import dequantize_reference
@@ -910,29 +909,9 @@ def _lut_dequant_kernel(
 
 _HELPERS = ("_code_offset", "_var_offset", "_plane_offsets", "_lut_value", "_lut_pair", "_smem_array", "_lut_table",
             "_gemv_x", "_chunk_ptr", "_chunk_load", "_x_stage", "_x_smem", "_gemm_subdot")  # fmt: skip
-_PLAIN = {name: globals()[name] for name in _HELPERS}
-if HAS_TRITON:  # compiled kernels resolve these module globals to JITFunctions
+_PLAIN = jit_helpers(globals(), _HELPERS)  # compiled kernels resolve these module globals to JITFunctions
+if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
-
-    for _name in _HELPERS:
-        globals()[_name] = _JITFunction(_PLAIN[_name])
-
-
-def _rebind(fn, glb):
-    copy = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    copy.__qualname__ = fn.__qualname__
-    copy.__module__ = fn.__module__
-    return copy
-
-
-def _interpreted(fn):
-    """``fn`` for Triton's interpreter: a copy that (like its helpers) sees plain helpers."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    glb = dict(fn.__globals__)
-    glb.update({name: _rebind(f, glb) for name, f in _PLAIN.items()})
-    return StrictLaunch(InterpretedFunction(_rebind(fn, glb)), fn)
 
 
 # --------------------------------------------------------------------------------------
@@ -1038,7 +1017,7 @@ def autotune_enabled() -> bool:
 def _kernels(interpret: bool, tune: bool = True):
     """``{path: kernel}`` for the interpreter or the compiler, and whether it is autotuned."""
     if interpret:
-        return {name: _interpreted(fn) for name, fn in _RAW.items()}, False
+        return {name: interpreted(fn, _PLAIN) for name, fn in _RAW.items()}, False
     ks = {name: _JITFunction(fn) for name, fn in _RAW.items()}
     if not tune:
         return ks, False

@@ -48,7 +48,7 @@ import inspect
 
 import torch
 
-from .common import HAS_TRITON, StrictLaunch, linear_input, scratch_weight, tl, use_triton
+from .common import HAS_TRITON, interpreted, jit_helpers, linear_input, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .lut_linear import (
@@ -60,7 +60,6 @@ from .lut_linear import (
     _launcher_ok,
     _num_sms,
     _pick_scale_dtype,
-    _rebind,
     _workspace,
     lut_fits_fp16,
 )
@@ -139,8 +138,7 @@ def mma_unsupported(bits: int, block_size: int, in_features: int) -> str | None:
 def _pair_table(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = lut.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     e = torch.arange(256)
-    pair = bits[e & 15] | (bits[e >> 4] << 16)
-    return torch.where(pair >= 2**31, pair - 2**32, pair).to(torch.int32)
+    return bits[e & 15] | (bits[e >> 4] << 16)  # int32: the high half wraps into the sign bit
 
 
 def fragment_words(codes: torch.Tensor) -> torch.Tensor:
@@ -576,24 +574,15 @@ def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: 
 
 _HELPERS = ("_words", "_xfrag", "_xquad", "_pick", "_lookup", "_half", "_emu_part", "_mma_emulated", "_mma",
             "_fill_table", "_store_out", "_reduce_out", "_stage", "_kw_sum")
-_PLAIN = {name: globals()[name] for name in _HELPERS}
+_PLAIN = jit_helpers(globals(), _HELPERS)
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
-
-    for _name in _HELPERS:
-        globals()[_name] = _JITFunction(_PLAIN[_name])
 
 
 @functools.cache
 def _kernel(fn, interpret: bool):
     """``fn`` jitted, or interpreted with the plain helpers (strict about keyword arguments)."""
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        glb = dict(fn.__globals__)
-        glb.update({name: _rebind(f, glb) for name, f in _PLAIN.items()})
-        return StrictLaunch(InterpretedFunction(_rebind(fn, glb)), fn)
-    return _JITFunction(fn)
+    return interpreted(fn, _PLAIN) if interpret else _JITFunction(fn)
 
 
 # --------------------------------------------------------------------------------------
