@@ -55,8 +55,13 @@ PROJ = ("qkv", "o", "gate_up", "down")
 def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
     h, d = cfg["hidden"], cfg["head_dim"]
     q, kv = cfg["heads"] * d, cfg["kv_heads"] * d
-    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * cfg["inter"], h), "down": (h, cfg["inter"]),
-            "lm_head": (cfg["vocab"], h)}
+    return {
+        "qkv": (q + 2 * kv, h),
+        "o": (h, q),
+        "gate_up": (2 * cfg["inter"], h),
+        "down": (h, cfg["inter"]),
+        "lm_head": (cfg["vocab"], h),
+    }
 
 
 # ---- linear layers in three forms -------------------------------------------------------------
@@ -100,11 +105,18 @@ class MmaLinear:
         lut = torch.sort(torch.randn(16, device=device, generator=gen)).values
         scales = (torch.rand((n, -(-k // 128)), device=device, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
         self.p = pack_mma_weight(codes, lut, scales.float(), 128)
+        self.config = None
+
+    def without_pdl(self) -> MmaLinear:
+        """The same weight launched without programmatic dependent launch."""
+        other = object.__new__(MmaLinear)
+        other.p, other.config = self.p, {"PDL": False}
+        return other
 
     def __call__(self, x):
         from hf_optquant.kernels.lut_mma import mma_linear
 
-        return mma_linear(x, self.p)
+        return mma_linear(x, self.p, config=self.config)
 
     @property
     def nbytes(self) -> int:
@@ -309,8 +321,10 @@ def grid_from_bf16(lin: dict, cfg, bits: float, rule: str, distinct: int, device
             out[p] = GridLinear(packed[0])
         else:
             out[p] = [GridLinear(q) for q in packed]
-        log(f"grid {p} {n}x{k} {layout} S={p0.seg} stored {first['bits']:.3f} b/p, on the GPU "
-            f"{info[p]['gpu_bits']:.3f} b/p, {len(mods)} tensors, {time.time() - t0:.0f}s")
+        log(
+            f"grid {p} {n}x{k} {layout} S={p0.seg} stored {first['bits']:.3f} b/p, on the GPU "
+            f"{info[p]['gpu_bits']:.3f} b/p, {len(mods)} tensors, {time.time() - t0:.0f}s"
+        )
     return out, info
 
 
@@ -346,8 +360,9 @@ def main() -> None:
     log(f"bf16 model built: {gbytes:.2f} GB of linear weights")
     models = {}
     if "grid" in args.variants:
-        glin, res["grid_layers"] = grid_from_bf16(lin, cfg, args.bits, args.segments, args.distinct, device,
-                                                  args.grid_layout)
+        glin, res["grid_layers"] = grid_from_bf16(
+            lin, cfg, args.bits, args.segments, args.distinct, device, args.grid_layout
+        )
         models["grid"] = Model(cfg, glin, embed, norms, device, args.context, args.compile)
         # the same grid weights through the decode-to-scratch path: an independent check of the fused GEMV
         dense = {p: ([GridLinear(m.p, "dense") for m in v] if isinstance(v, list) else GridLinear(v.p, "dense"))
@@ -378,8 +393,12 @@ def main() -> None:
         mlin = {p: [MmaLinear(*shp[p], device, gen) for _ in range(cfg["layers"])] for p in PROJ}
         mlin["lm_head"] = MmaLinear(*shp["lm_head"], device, gen)
         models["lut4mma"] = Model(cfg, mlin, embed, norms, device, args.context, args.compile)
+        if "lut4mma_nopdl" in args.variants:  # the same weights, launched without PDL
+            plain = {p: ([m.without_pdl() for m in v] if isinstance(v, list) else v.without_pdl())
+                     for p, v in mlin.items()}  # fmt: skip
+            models["lut4mma_nopdl"] = Model(cfg, plain, embed, norms, device, args.context, args.compile)
     res["results"] = {}
-    for name in ("bf16", "lut4", "lut4mma", "grid"):
+    for name in ("bf16", "lut4", "lut4mma", "lut4mma_nopdl", "grid"):
         if name not in models:
             continue
         try:
@@ -401,8 +420,10 @@ def main() -> None:
     for name, r in res["results"].items():
         if "tokens_per_s" in r:
             ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
-            print(f"| {name} | {r['linear_GB']:.2f} | {r['bits_per_param']:.2f} | {r['tokens_per_s']:.1f} | {ratio} "
-                  f"| {r['eager_tokens_per_s']:.1f} |")
+            print(
+                f"| {name} | {r['linear_GB']:.2f} | {r['bits_per_param']:.2f} | {r['tokens_per_s']:.1f} | {ratio} "
+                f"| {r['eager_tokens_per_s']:.1f} |"
+            )
     save()
 
 

@@ -9,7 +9,8 @@ in the same run (device-to-device copy).  First, correctness on the GPU against 
 
 Parts (``--parts``): ``check`` (GPU correctness), ``sweep`` (batch-1 launch configs), ``msweep`` (the same at
 batch 4 and 16), ``asweep`` (prefetch depth x register cap), ``table`` (the RESULTS table), ``eager`` (host time
-per eager call); ``--shapes NxK ...`` replaces the four 8B-Llama shapes.
+per eager call), ``pdl`` (programmatic dependent launch on / off), ``gemm`` (the fused large-batch GEMM's configs
+vs dequantise + cuBLAS at ``--gemm-batches``); ``--shapes NxK ...`` replaces the four 8B-Llama shapes.
 
 Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/lut_mma.py --out $OUT``.
 """
@@ -17,6 +18,7 @@ Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/lut_mma.py --out $O
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import itertools
 import json
@@ -35,16 +37,15 @@ log = KB.log
 
 def mma_copies(case: KB.Case, n_rot: int) -> list:
     p = LM.pack_mma_weight(case.codes, case.lut, case.scales, case.block)
-    return [p] + [LM.MmaLutWeight(words=p.words.clone(), lut=p.lut, pairs_bf16=p.pairs_bf16, pairs_f16=p.pairs_f16,
-                                  scales=p.scales.clone(), out_features=p.out_features, in_features=p.in_features,
-                                  scale_block=p.scale_block) for _ in range(n_rot - 1)]  # fmt: skip
+    return [p] + [dataclasses.replace(p, words=p.words.clone(), scales=p.scales.clone()) for _ in range(n_rot - 1)]
 
 
 def check(device) -> list[dict]:
     """Fused kernel vs float64 on odd shapes, both activation dtypes, three scale granularities."""
     rows = []
-    for (n, k), block, m, dt in itertools.product([(40, 128), (333, 1008), (1000, 4096)], (64, 128, 0),
-                                                  (1, 3, 8, 11, 16, 33, 64), (torch.bfloat16, torch.float16)):
+    for (n, k), block, m, dt in itertools.product(
+        [(40, 128), (333, 1008), (1000, 4096)], (64, 128, 0), (1, 3, 8, 11, 16, 33, 64), (torch.bfloat16, torch.float16)
+    ):
         blk = block or k
         codes, lut, scales = KB.make_weight(n, k, 4, blk, device, seed=n + m)
         p = LM.pack_mma_weight(codes, lut, scales, blk)
@@ -53,6 +54,9 @@ def check(device) -> list[dict]:
         for split in (None, 1, 3):
             y = LM.mma_linear(x, p, path="mma", split_k=split)
             rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split=split, rel_err=KB.rel_err(y, ref)))
+        if not LM.gemm_unsupported(dt, p):
+            yg = LM.mma_linear(x, p, path="gemm", config=dict(BM=64) if m > 16 else dict(BM=16))
+            rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split="gemm", rel_err=KB.rel_err(yg, ref)))
         yd = LM.mma_linear(x, p, path="dequant")
         rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split="dequant", rel_err=KB.rel_err(yd, ref)))
         exact = torch.equal(LM.mma_reference_codes(p), codes)
@@ -111,8 +115,11 @@ def eager_overhead(device) -> dict:
     case = KB.Case(4096, 4096, 4, 128, device, peers=True)
     packs = mma_copies(case, 1)
     x = case.x(1)
-    calls = {"bf16": lambda: torch.nn.functional.linear(x, case.w_bf16s[0]),
-             "planes": lambda: KB.LL.lut_linear(x, case.packs[0]), "mma": lambda: LM.mma_linear(x, packs[0])}
+    calls = {
+        "bf16": lambda: torch.nn.functional.linear(x, case.w_bf16s[0]),
+        "planes": lambda: KB.LL.lut_linear(x, case.packs[0]),
+        "mma": lambda: LM.mma_linear(x, packs[0]),
+    }
     out = {}
     for name, fn in calls.items():
         for _ in range(20):
@@ -160,6 +167,78 @@ def table(device, hbm, shapes, batches, block) -> list[dict]:
     return out
 
 
+GEMM_CONFIGS = [dict(BM=bm, STAGES=st, num_warps=nw) for bm, st, nw in
+                [(64, 3, 4), (64, 4, 4), (128, 3, 8), (128, 4, 8), (128, 3, 4), (256, 2, 8), (256, 3, 8)]]  # fmt: skip
+
+
+def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
+    """Large batches: the fused GEMM (every config in GEMM_CONFIGS) vs dequantise + cuBLAS, bf16, tinygemm."""
+    out = []
+    for n, k in shapes:
+        case = KB.Case(n, k, 4, block, device, peers=True)
+        packs = mma_copies(case, case.n_rot)
+        for m in batches:
+            x = case.x(m)
+            ref = case.ref(x)
+            rec = dict(n=n, k=k, m=m, block=block, bf16_us=case.t_bf16(x), tinygemm_us=case.t_tinygemm(x))
+            rec["dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
+                                               case.n_rot)  # fmt: skip
+            rec["gemm"] = []
+            for cfg in GEMM_CONFIGS:
+                try:
+                    err = KB.rel_err(LM.mma_linear(x, packs[0], path="gemm", config=cfg), ref)
+                    def call(i, x=x, ps=packs, cfg=cfg):
+                        return LM.mma_linear(x, ps[i], path="gemm", config=cfg)
+
+                    t = KB.bench_graph(call, case.n_rot)
+                    rec["gemm"].append(dict(config=cfg, us=t, rel_err=err, x_bf16=rec["bf16_us"] / t))
+                except Exception as exc:  # (a config that does not fit: reported, not fatal)
+                    rec["gemm"].append(dict(config=cfg, error=repr(exc)[:300]))
+            ok = [g for g in rec["gemm"] if "us" in g]
+            best = min(ok, key=lambda g: g["us"]) if ok else None
+            rec["best"] = best
+            out.append(rec)
+            log(f"gemm {n}x{k} M={m}: bf16 {rec['bf16_us']:.1f} tinygemm {rec['tinygemm_us'] or 0:.1f} dequant "
+                f"{rec['dequant_us']:.1f} best gemm {best['us'] if best else float('nan'):.1f} us "
+                f"({best['config'] if best else '-'}, x bf16 {best['x_bf16'] if best else 0:.2f}, err "
+                f"{best['rel_err'] if best else 0:.1e})")  # fmt: skip
+        case = packs = None
+        torch.cuda.empty_cache()
+    return out
+
+
+def pdl_table(device, hbm, shapes, block) -> list[dict]:
+    """Programmatic dependent launch on / off, batch 1 and 4: calls back to back (consecutive layers on one
+    input, e.g. q / k / v), and with a small elementwise kernel writing x before each call (glue -> layer)."""
+    out = []
+    for n, k in shapes:
+        case = KB.Case(n, k, 4, block, device, peers=False)
+        packs = mma_copies(case, case.n_rot)
+        for m in (1, 4):
+            x = case.x(m)
+            buf = torch.empty_like(x)
+            rec = dict(n=n, k=k, m=m)
+            for pdl in (True, False):
+                cfg = {"PDL": pdl}
+                def plain(i, ps=packs, cfg=cfg, x=x):
+                    return LM.mma_linear(x, ps[i], config=cfg)
+
+                rec[f"pdl_{pdl}_us"] = KB.bench_graph(plain, case.n_rot)
+
+                def glued(i, ps=packs, cfg=cfg, x=x, buf=buf):
+                    torch.mul(x, 1.0, out=buf)
+                    return LM.mma_linear(buf, ps[i], config=cfg)
+
+                rec[f"glue_pdl_{pdl}_us"] = KB.bench_graph(glued, case.n_rot)
+            rec["glue_only_us"] = KB.bench_graph(lambda i, x=x, buf=buf: torch.mul(x, 1.0, out=buf), case.n_rot)
+            rec["pct_hbm_pdl"] = 100 * packs[0].nbytes / (rec["pdl_True_us"] * 1e-6) / 1e9 / hbm
+            out.append(rec)
+            log("pdl", json.dumps({a: (round(b, 2) if isinstance(b, float) else b) for a, b in rec.items()}))
+        case = packs = None
+        torch.cuda.empty_cache()
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     print("\n| shape (N x K) | M | path | bf16 us | tinygemm us | planes us | mma us | % HBM | x bf16 | x planes |"
           " x tinygemm | rel err |")  # fmt: skip
@@ -177,6 +256,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--parts", nargs="+", default=["check", "sweep", "table"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64, 256])
+    ap.add_argument("--gemm-batches", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--config", default=None, help="JSON dict merged into MMA_DEFAULT before the table")
     ap.add_argument("--shapes", nargs="+", default=None, help="NxK layer shapes (default: the 8B-Llama four)")
@@ -212,6 +292,12 @@ def main() -> None:
         save()
     if "msweep" in args.parts:  # the same at decode batches 4 and 16
         res["msweep"] = sweep(device, hbm, shapes, args.block, m=4) + sweep(device, hbm, shapes, args.block, m=16)
+        save()
+    if "pdl" in args.parts:
+        res["pdl"] = pdl_table(device, hbm, shapes, args.block)
+        save()
+    if "gemm" in args.parts:
+        res["gemm"] = gemm_table(device, hbm, shapes, args.gemm_batches, args.block)
         save()
     if "table" in args.parts:
         res["table"] = table(device, hbm, shapes, args.batches, args.block)

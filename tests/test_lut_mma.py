@@ -114,6 +114,50 @@ def test_kernel_matches_float64(monkeypatch, n, k, block, m, split, config):
     torch.testing.assert_close(y32.double(), x.double() @ w.T, rtol=1e-2 if tf32 else 1e-5, atol=1e-4)
 
 
+def _gemm_weight_reference(codes, lut, scales, block, dtype):
+    """The weight the fused GEMM multiplies: table value rounded to x's dtype, times the scale, rounded again."""
+    v = lut.to(dtype).float()[codes.long()]
+    s = scales.repeat_interleave(block, dim=1)[:, : codes.shape[1]]
+    return (v * s).to(dtype).double()
+
+
+@needs_triton
+@pytest.mark.parametrize(("n", "k", "block", "m", "config"), [
+    (40, 128, 64, 5, {"BM": 16}), (333, 1008, 128, 19, {"BM": 16}), (150, 320, 320, 70, {"BM": 64, "STAGES": 2}),
+    (24, 192, 64, 33, {"BM": 32, "BT": 16}),
+])  # fmt: skip
+def test_gemm_matches_its_rounding_and_float64(monkeypatch, n, k, block, m, config):
+    _kernels_here(monkeypatch)
+    codes, lut, scales = _weight(n, k, block, seed=n + m)
+    scales = scales.bfloat16().float()  # stored losslessly in bf16 (and exactly representable in fp16)
+    p = LM.pack_mma_weight(codes, lut, scales, block, device=DEV)
+    w = dequantize_reference(codes, lut, scales, block, dtype=torch.float64)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    for dtype, tol, tol_own in ((torch.bfloat16, 1e-2, 5e-3), (torch.float16, 2e-3, 1e-3)):
+        xd = x.to(dtype)
+        y = LM.mma_linear(xd.to(DEV), p, path="gemm", config=config).cpu().double()
+        assert y.shape == (m, n)
+        ref = xd.double() @ w.T
+        own = xd.double() @ _gemm_weight_reference(codes, lut, scales, block, dtype).T
+        assert float((y - ref).norm() / ref.norm()) < tol
+        assert float((y - own).norm() / own.norm()) < tol_own  # only accumulation and output rounding left
+
+
+def test_gemm_refuses_what_it_cannot_compute(monkeypatch):
+    codes, lut, scales = _weight(16, 64, 64, seed=5)
+    p32 = LM.pack_mma_weight(codes, lut, scales + 1e-4, 64)  # not bf16-representable: stored in fp32
+    assert p32.scales.dtype == torch.float32 and "scales" in LM.gemm_unsupported(torch.bfloat16, p32)
+    with pytest.raises(ValueError, match="gemm.*scales"):
+        LM.mma_linear(torch.randn(2, 64).bfloat16(), p32, path="gemm")
+    p = LM.pack_mma_weight(codes, lut, scales.bfloat16().float(), 64)
+    assert LM.gemm_unsupported(torch.bfloat16, p) is None and "x is" in LM.gemm_unsupported(torch.float32, p)
+    if LM.HAS_TRITON:
+        _kernels_here(monkeypatch)
+        for bad, field in (({"BM": 48}, "BM"), ({"BT": 4}, "BT"), ({"STAGES": 0}, "STAGES")):
+            with pytest.raises(ValueError, match=field):
+                LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="gemm", config=bad)
+
+
 @needs_triton
 def test_dequant_kernel_is_bit_exact(monkeypatch):
     _kernels_here(monkeypatch)
@@ -153,7 +197,7 @@ def test_invalid_inputs_are_rejected(monkeypatch):
     if LM.HAS_TRITON:
         _kernels_here(monkeypatch)
         for bad, field in (({"NW": 4, "KW": 3}, "KW"), ({"AHEAD": 3}, "AHEAD"), ({"COPIES": 16}, "COPIES"),
-                           ({"NW": 6}, "NW")):  # fmt: skip
+                           ({"NW": 6}, "NW"), ({"PDL": 1}, "PDL")):  # fmt: skip
             with pytest.raises(ValueError, match=field):
                 LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="mma", config=bad)
 

@@ -41,7 +41,7 @@ class StrictLaunch:
     stale constexpr passes every CPU test and fails only on the GPU.
     """
 
-    _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+    _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl"})
 
     def __init__(self, kernel, fn):
         self.kernel = kernel

@@ -74,10 +74,14 @@ MMA_MAX_M = 64
 #: range; summed in shared memory), groups loaded ahead, table copies, programs per SM the split-K heuristic
 #: aims for (H100 sweeps, benchmarks/RESULTS.md section 5).
 #: ``KW=None``: the fewest warps per tile that still give ``MIN_PROGRAMS_PER_SM`` programs per SM.
-MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1}  # up to 8 rows of x (one B tile)
-MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1}  # 9-16 rows (two B tiles)
+#: ``PDL``: programmatic dependent launch where the GPU has it (sm_90+): a call starts -- table fill, first code
+#: words -- while the previous kernel in the stream finishes, and reads x only after it has.
+MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": True}  # up to 8 rows of x
+MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": True}  # 9-16 rows
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
+#: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program, STAGES groups in flight.
+GEMM_DEFAULT = {"BT": 8, "BM": 128, "STAGES": 3, "num_warps": 8}
 TILE_ROWS, GROUP_K = 16, 64
 
 
@@ -94,6 +98,9 @@ class MmaLutWeight:
     lut: torch.Tensor  # float32 [16]
     pairs_bf16: torch.Tensor  # int32 [256]: (bf16 lut[e & 15]) | (bf16 lut[e >> 4]) << 16
     pairs_f16: torch.Tensor | None  # the same in fp16; None when the table leaves fp16's normal range
+    #: int32 [2, 8]: the 16 table values' low bytes (4 words) then high bytes (4 words), bf16 (row 0) and fp16
+    #: (row 1; zeros without ``pairs_f16``) -- the GEMM's ``prmt`` lookup tables
+    byte_tables: torch.Tensor
     scales: torch.Tensor  # bf16 / fp16 / fp32 [N, n_blocks]
     out_features: int
     in_features: int
@@ -115,11 +122,11 @@ class MmaLutWeight:
     @property
     def nbytes(self) -> int:
         """Bytes held on the device (codes, scales and tables)."""
-        ts = (self.words, self.lut, self.pairs_bf16, self.pairs_f16, self.scales)
+        ts = (self.words, self.lut, self.pairs_bf16, self.pairs_f16, self.byte_tables, self.scales)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def to(self, device) -> MmaLutWeight:
-        moved = {f: getattr(self, f).to(device) for f in ("words", "lut", "pairs_bf16", "scales")}
+        moved = {f: getattr(self, f).to(device) for f in ("words", "lut", "pairs_bf16", "byte_tables", "scales")}
         pf = None if self.pairs_f16 is None else self.pairs_f16.to(device)
         return dataclasses.replace(self, pairs_f16=pf, **moved)
 
@@ -139,6 +146,14 @@ def _pair_table(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = lut.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     e = torch.arange(256)
     return bits[e & 15] | (bits[e >> 4] << 16)  # int32: the high half wraps into the sign bit
+
+
+def _byte_table(lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [8]: the 16-bit table values' low bytes packed four to a word (words 0-3), then the high bytes."""
+    bits = lut.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    by = torch.stack([bits & 255, bits >> 8]).view(2, 4, 4)  # [low / high, word, byte]
+    words = (by << (8 * torch.arange(4))).sum(-1).reshape(8)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def fragment_words(codes: torch.Tensor) -> torch.Tensor:
@@ -195,11 +210,17 @@ def pack_mma_weight(codes: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor
         raise ValueError("codes must lie in [0, 16)")
     lut32 = lut.detach().to("cpu", torch.float32).reshape(16)
     scales32 = scales.detach().to(device, torch.float32)
+    f16 = lut_fits_fp16(lut32)
+    tables = [
+        _byte_table(lut32, torch.bfloat16),
+        _byte_table(lut32, torch.float16) if f16 else torch.zeros(8, dtype=torch.int32),
+    ]
     return MmaLutWeight(
         words=fragment_words(codes),
         lut=lut32.to(device),
         pairs_bf16=_pair_table(lut32, torch.bfloat16).to(device),
-        pairs_f16=_pair_table(lut32, torch.float16).to(device) if lut_fits_fp16(lut32) else None,
+        pairs_f16=_pair_table(lut32, torch.float16).to(device) if f16 else None,
+        byte_tables=torch.stack(tables).to(device),
         scales=scales32.to(_pick_scale_dtype(scales32, "auto")).contiguous(),
         out_features=n,
         in_features=k,
@@ -418,14 +439,28 @@ def _reduce_out(y_ptr, ws_ptr, m0, row_a, M, N, stride_ym, n_split):
 
 def _stage(w_lane, x_a, x_b, q, q_hi, kc, tile_ok, ok_a, ok_b, K, MT: tl.constexpr, ASM: tl.constexpr):
     """One group's loads: code words, B fragments of batch tile 0 and (MT = 2) tile 1; zero past ``q_hi``."""
-    live = q < q_hi
-    w0, w1, w2, w3 = _words(w_lane, q, tile_ok & live, ASM)
-    xok = live & (q * 64 + kc < K)
+    w0, w1, w2, w3 = _words(w_lane, q, tile_ok & (q < q_hi), ASM)
+    p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q, q_hi, kc, ok_a, ok_b, K, MT, ASM)
+    return w0, w1, w2, w3, p0, p1, p2, p3, r0, r1, r2, r3
+
+
+def _xstage(x_a, x_b, q, q_hi, kc, ok_a, ok_b, K, MT: tl.constexpr, ASM: tl.constexpr):
+    """The activation half of :func:`_stage`: B fragments of batch tile 0 and (MT = 2) tile 1."""
+    xok = (q < q_hi) & (q * 64 + kc < K)
     p0, p1, p2, p3 = _xfrag(x_a, q * 64, ok_a & xok, ASM)
     r0, r1, r2, r3 = p0, p1, p2, p3
     if MT == 2:
         r0, r1, r2, r3 = _xfrag(x_b, q * 64, ok_b & xok, ASM)
-    return w0, w1, w2, w3, p0, p1, p2, p3, r0, r1, r2, r3
+    return p0, p1, p2, p3, r0, r1, r2, r3
+
+
+def _grid_dependency(WAIT: tl.constexpr):
+    """Programmatic dependent launch (sm_90+): ``WAIT`` -- block until the previous kernel in the stream has
+    finished and its writes are visible; else -- let the next kernel start its own prologue."""
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
+    else:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def _mma_gemv_kernel(
@@ -433,6 +468,7 @@ def _mma_gemv_kernel(
     M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
     SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr,
     AHEAD: tl.constexpr, COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
     # RT = NW / KW row tiles of 16 and K units (of SG groups) [u_lo, u_hi); the KW warps of a tile take
@@ -466,15 +502,25 @@ def _mma_gemv_kernel(
     lane_off = (lane % COPIES) * 4
 
     # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r); the first
-    # loads go out before the table fill so that their latency overlaps it
+    # loads go out before the table fill so that their latency overlaps it.  With PDL the code words and the
+    # table (this layer's own data) are read while the previous kernel finishes; x only after the wait.
+    if PDL:
+        _grid_dependency(False)
     q0 = u0 * SG
-    w0, w1, w2, w3, p0, p1, p2, p3, r0, r1, r2, r3 = _stage(w_lane, x_a, x_b, q0, q_hi, kc, tile_ok, ok_a, ok_b, K,
-                                                            MT, ASM)  # fmt: skip
+    w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (q0 < q_hi), ASM)
     if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
-        v0, v1, v2, v3, pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _stage(w_lane, x_a, x_b, q0 + 1, q_hi, kc, tile_ok,
-                                                                        ok_a, ok_b, K, MT, ASM)  # fmt: skip
+        v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (q0 + 1 < q_hi), ASM)
+    if not PDL:
+        p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
+        if AHEAD == 2:
+            pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
     if ASM:
         _fill_table(tab_ptr, t, NT, COPIES)
+    if PDL:
+        _grid_dependency(True)
+        p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
+        if AHEAD == 2:
+            pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
     zero = tl.zeros([NT], dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # batch tile 0 (MT = 2: also tile 1 below)
     bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero
@@ -553,6 +599,127 @@ def _kw_sum(v, RT: tl.constexpr, KW: tl.constexpr):
     return tl.sum(tl.reshape(v, [RT, KW, 32]), axis=1)
 
 
+def _decode_asm(op: str) -> str:
+    """Eight weights of a code word ($8) for the GEMM: rows h = 0 / 1 times their scale pairs ($9 / $10), each
+    a pair of 16-bit registers ($0-$3 / $4-$7 in k order), looked up in the byte tables $11-$18 with ``prmt``
+    (low 3 code bits pick a byte of a register pair, bit 3 the pair)."""
+    half = (
+        "prmt.b32 a, $11, $12, {l}; prmt.b32 b, $13, $14, {l}; prmt.b32 lo, a, b, {h};"
+        " prmt.b32 a, $15, $16, {l}; prmt.b32 b, $17, $18, {l}; prmt.b32 hi, a, b, {h};"
+        " prmt.b32 p0, lo, hi, 0x5140; prmt.b32 p1, lo, hi, 0x7362;"
+        f" {op} p0, p0, {{s}}, z; {op} p1, p1, {{s}}, z;"
+        " mov.b32 {{{o0}, {o1}}}, p0; mov.b32 {{{o2}, {o3}}}, p1;"
+    )
+    return (
+        "{ .reg .b32 c, l3, hb, l3h, hbh, a, b, lo, hi, p0, p1, z; mov.b32 z, 0x80008000;"
+        " prmt.b32 c, $8, 0, 0x3120; and.b32 l3, c, 0x77777777; shr.u32 hb, c, 1;"
+        " and.b32 hb, hb, 0x44444444; or.b32 hb, hb, 0x32103210; shr.u32 l3h, l3, 16; shr.u32 hbh, hb, 16; "
+        + half.format(l="l3", h="hb", s="$9", o0="$0", o1="$1", o2="$2", o3="$3")
+        + half.format(l="l3h", h="hbh", s="$10", o0="$4", o1="$5", o2="$6", o3="$7")
+        + " }"
+    )
+
+
+_DECODE_BF16 = _CONSTEXPR(_decode_asm("fma.rn.bf16x2"))
+_DECODE_F16 = _CONSTEXPR(_decode_asm("fma.rn.f16x2"))
+
+
+def _scale_pair(s):
+    """A 16-bit scale twice in one int32 (both halves of a packed pair)."""
+    return (s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 65537
+
+
+def _decode_tile(wd, s0, s1, lut_ptr, tb_ptr, F16: tl.constexpr, ASM: tl.constexpr):
+    """Weights of code words ``wd [R, 16]`` (rows (t, g), words (c, j)) times their row scales, in x's dtype:
+    eight tensors ``o[4 h + 2 e + i]``, value of row ``16 t + 8 h + g`` at ``k = 4 (4 c + j) + 2 e + i``."""
+    if ASM:
+        z = tl.zeros(wd.shape, dtype=tl.int32)
+        sa = z + _scale_pair(s0)[:, None]
+        sb = z + _scale_pair(s1)[:, None]
+        args = [wd, sa, sb, z + tl.load(tb_ptr), z + tl.load(tb_ptr + 1), z + tl.load(tb_ptr + 2),
+                z + tl.load(tb_ptr + 3), z + tl.load(tb_ptr + 4), z + tl.load(tb_ptr + 5), z + tl.load(tb_ptr + 6),
+                z + tl.load(tb_ptr + 7)]  # fmt: skip
+        if F16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _DECODE_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r,r", args, dtype=(tl.float16,) * 8,
+                is_pure=True, pack=1)  # fmt: skip
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _DECODE_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r,r", args, dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=1)  # fmt: skip
+    else:  # interpreter: table gather, the same roundings (value to x's dtype, then the product)
+        dt: tl.constexpr = s0.dtype
+        o0 = _decode_one(wd, 0, s0, lut_ptr, dt)
+        o1 = _decode_one(wd, 4, s0, lut_ptr, dt)
+        o2 = _decode_one(wd, 16, s0, lut_ptr, dt)
+        o3 = _decode_one(wd, 20, s0, lut_ptr, dt)
+        o4 = _decode_one(wd, 8, s1, lut_ptr, dt)
+        o5 = _decode_one(wd, 12, s1, lut_ptr, dt)
+        o6 = _decode_one(wd, 24, s1, lut_ptr, dt)
+        o7 = _decode_one(wd, 28, s1, lut_ptr, dt)
+    return o0, o1, o2, o3, o4, o5, o6, o7
+
+
+def _decode_one(wd, SH: tl.constexpr, s, lut_ptr, dt: tl.constexpr):
+    """One code of every word (bits ``SH .. SH + 3``), looked up, rounded to ``dt`` and scaled (interpreter)."""
+    v = _round_to(tl.load(lut_ptr + ((wd >> SH) & 15)), dt)
+    return _round_to(v.to(tl.float32) * s.to(tl.float32)[:, None], dt)
+
+
+def _round_to(v, dt: tl.constexpr):
+    """fp32 -> ``dt`` rounded to nearest even (Triton 3.9's interpreter truncates to bf16)."""
+    if dt == tl.bfloat16:
+        b = v.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return b.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dt)
+
+
+def _mma_gemm_kernel(
+    x_ptr, w_ptr, lut_ptr, tb_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups,
+    SG: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
+    ASM: tl.constexpr,
+):  # fmt: skip
+    """``y[BM rows of x, 16 BT features] = x @ W.T`` per program (batches > ``MMA_MAX_M``), K in steps of one
+    64-column group: the group's code words are decoded (times their scales) into two ``[8 BT, 64]`` weight
+    tiles -- rows ``16 t + g`` (h = 0) and ``16 t + 8 + g`` (h = 1) -- and fed to ``tl.dot`` (wgmma on
+    sm_90) with the activations as the first operand.  Programs along axis 0 share a weight tile (L2)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    R: tl.constexpr = BT * 8
+    rr = tl.arange(0, R)
+    t = pid_n * BT + rr // 8
+    row0 = t * 16 + rr % 8  # feature rows of the h = 0 tile (h = 1: + 8)
+    cj = tl.arange(0, 16)
+    w_rows = w_ptr + t.to(tl.int64)[:, None] * (n_groups * 128) + ((rr % 8) * 16)[:, None] + cj[None, :]
+    t_ok = (t < n_tiles)[:, None]
+    m = pid_m * BM + tl.arange(0, BM)
+    kk = tl.arange(0, 64)
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm + kk[None, :]
+    m_ok = m < M
+    s_rows = s_ptr + row0.to(tl.int64) * lds
+    acc0 = tl.zeros([BM, R], dtype=tl.float32)
+    acc1 = tl.zeros([BM, R], dtype=tl.float32)
+    for q in tl.range(0, n_groups, num_stages=STAGES):
+        wd = tl.load(w_rows + q * 128, mask=t_ok, other=0)
+        xt = tl.load(x_rows + q * 64, mask=m_ok[:, None] & ((q * 64 + kk) < K)[None, :], other=0.0)
+        s0 = tl.load(s_rows + q // SG, mask=row0 < N, other=0.0).to(x_ptr.dtype.element_ty)  # (lossless: host)
+        s1 = tl.load(s_rows + 8 * lds + q // SG, mask=row0 + 8 < N, other=0.0).to(x_ptr.dtype.element_ty)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _decode_tile(wd, s0, s1, lut_ptr, tb_ptr, F16, ASM)
+        # (tl.join appends the new axis last: the outer join's operands differ in i, the inner ones' in e)
+        w0 = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [R, 64])
+        w1 = tl.reshape(tl.join(tl.join(o4, o6), tl.join(o5, o7)), [R, 64])
+        if not ASM:  # (Triton 3.9's interpreter multiplies the bit patterns of bf16 dot operands)
+            xt, w0, w1 = xt.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
+        acc0 = tl.dot(xt, tl.trans(w0), acc0)
+        acc1 = tl.dot(xt, tl.trans(w1), acc1)
+    dt = y_ptr.dtype.element_ty
+    y0 = y_ptr + m.to(tl.int64)[:, None] * stride_ym + row0[None, :]
+    tl.store(y0, acc0.to(dt), mask=m_ok[:, None] & (row0 < N)[None, :])
+    tl.store(y0 + 8, acc1.to(dt), mask=m_ok[:, None] & (row0 + 8 < N)[None, :])
+
+
 def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: tl.constexpr, BN: tl.constexpr):
     """The dense ``[BN, 64]`` block of group ``program_id(1)``: each code word is read by its 8 codes' threads
     (L1 hits), every output row segment is written whole."""
@@ -572,8 +739,28 @@ def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: 
     tl.store(out, v.to(o_ptr.dtype.element_ty), mask=ok)
 
 
-_HELPERS = ("_words", "_xfrag", "_xquad", "_pick", "_lookup", "_half", "_emu_part", "_mma_emulated", "_mma",
-            "_fill_table", "_store_out", "_reduce_out", "_stage", "_kw_sum")
+_HELPERS = (
+    "_words",
+    "_xfrag",
+    "_xquad",
+    "_pick",
+    "_lookup",
+    "_half",
+    "_emu_part",
+    "_mma_emulated",
+    "_mma",
+    "_fill_table",
+    "_store_out",
+    "_reduce_out",
+    "_stage",
+    "_xstage",
+    "_grid_dependency",
+    "_kw_sum",
+    "_scale_pair",
+    "_decode_tile",
+    "_decode_one",
+    "_round_to",
+)
 _PLAIN = jit_helpers(globals(), _HELPERS)
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -617,6 +804,14 @@ def _check_config(cfg: dict, kw: int) -> None:
         raise ValueError(f"config AHEAD must be 1 or 2, got {cfg['AHEAD']!r}")
     if cfg["COPIES"] not in (8, 32):
         raise ValueError(f"config COPIES must be 8 or 32, got {cfg['COPIES']!r}")
+    if not isinstance(cfg["PDL"], bool):
+        raise ValueError(f"config PDL must be True or False, got {cfg['PDL']!r}")
+
+
+@functools.cache
+def _has_pdl(index: int) -> bool:
+    """Whether GPU ``index`` supports programmatic dependent launch (compute capability 9.0 and later)."""
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bool, split_k: int | None,
@@ -627,9 +822,9 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
     cfg = dict(MMA_DEFAULT if mt == 1 else MMA_DEFAULT_WIDE, **(config or {}))
     m_tiles = _cdiv(m, 8 * mt)
     nw, kw = cfg["NW"], cfg["KW"]
+    dev = x2.device.index if x2.device.index is not None or interpret else torch.cuda.current_device()
     if kw is None:
-        sms = 4 if interpret else _num_sms(x2.device.index if x2.device.index is not None else
-                                           torch.cuda.current_device())  # fmt: skip
+        sms = 4 if interpret else _num_sms(dev)
         kw = nw // tiles_per_program(p.n_tiles, nw, MIN_PROGRAMS_PER_SM * sms)
     _check_config(cfg, kw)
     row_progs = _cdiv(p.n_tiles, nw // kw)
@@ -647,8 +842,11 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
                 ws_ptr=ws, cnt_ptr=cnt, M=m, N=y.shape[1], K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                 lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units,
                 n_split=split)  # fmt: skip
+    pdl = cfg["PDL"] and not interpret and _has_pdl(dev)
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
-                ASM=not interpret, SPLIT=split > 1, num_warps=nw, num_stages=1)  # fmt: skip
+                ASM=not interpret, SPLIT=split > 1, PDL=pdl, num_warps=nw, num_stages=1)  # fmt: skip
+    if pdl:
+        meta["launch_pdl"] = True
     if cfg.get("MAXNREG"):  # (ptxas keeps 8-warp programs at 64 registers; caps above measured mixed)
         meta["maxnreg"] = cfg["MAXNREG"]
     return args, meta, (row_progs, m_tiles, split), split, n_part, n_cnt
@@ -679,6 +877,43 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
 _SLOTS = ("x_ptr", "y_ptr", "ws_ptr", "cnt_ptr")  # arguments refilled per call in a launch record
 
 
+def gemm_unsupported(x_dtype: torch.dtype, p: MmaLutWeight) -> str | None:
+    """Why the fused GEMM cannot serve ``x_dtype`` activations for ``p`` (None when it can): it multiplies the
+    16-bit table values by 16-bit scales, so the scales must be stored in x's dtype (lossless)."""
+    if x_dtype not in (torch.bfloat16, torch.float16):
+        return f"x is {x_dtype} (the GEMM takes bf16 / fp16)"
+    if x_dtype == torch.float16 and p.pairs_f16 is None:
+        return "the table leaves fp16's normal range"
+    key = ("gemm_scales", x_dtype)
+    if key not in p._launch_cache:  # (checked once per weight and dtype)
+        s = p.scales
+        p._launch_cache[key] = s.dtype in (torch.bfloat16, torch.float16) and bool(
+            torch.equal(s.to(x_dtype).to(s.dtype), s)
+        )
+    if not p._launch_cache[key]:
+        return f"the scales ({p.scales.dtype}) are not exactly representable in {x_dtype}"
+    return None
+
+
+def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dict | None) -> torch.Tensor:
+    cfg = dict(GEMM_DEFAULT, **(config or {}))
+    for name, allowed in (("BT", (8, 16)), ("BM", (16, 32, 64, 128, 256)), ("STAGES", (1, 2, 3, 4, 5))):
+        if cfg[name] not in allowed:
+            raise ValueError(f"gemm config {name} must be one of {allowed}, got {cfg[name]!r}")
+    m, k = x2.shape
+    y = torch.empty((m, p.out_features), device=x2.device, dtype=x2.dtype)
+    row_scale = p.scales.shape[1] == 1
+    f16 = x2.dtype == torch.float16
+    grid = (_cdiv(m, cfg["BM"]), _cdiv(p.n_tiles, cfg["BT"]))
+    _kernel(_mma_gemm_kernel, interpret)[grid](
+        x2, p.words, p.lut, p.byte_tables[1 if f16 else 0], p.scales, y, m, p.out_features, k, x2.stride(0),
+        y.stride(0), p.scales.stride(0), p.n_tiles, p.n_groups,
+        SG=p.n_groups if row_scale else p.scale_block // GROUP_K, BT=cfg["BT"], BM=cfg["BM"], STAGES=cfg["STAGES"],
+        F16=f16, ASM=not interpret, num_warps=cfg["num_warps"], num_stages=cfg["STAGES"],
+    )  # fmt: skip
+    return y
+
+
 def decode_mma_weight(p: MmaLutWeight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight on ``p``'s device (Triton kernel where it runs, else the torch reference)."""
     n, k = p.out_features, p.in_features
@@ -699,13 +934,14 @@ def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, spl
                config: dict | None = None) -> torch.Tensor:  # fmt: skip
     """``y = x @ W.T`` for a fragment-layout weight; ``x`` is ``[..., K]`` in bf16/fp16/fp32.
 
-    ``path``: ``"mma"`` (fused tensor-core GEMV, bf16/fp16 x), ``"dequant"`` (dense weight into a
-    reused scratch buffer, then ``torch.matmul``), ``"torch"`` (reference).  Default: ``mma`` up to
-    ``MMA_MAX_M`` rows of bf16/fp16 x, ``dequant`` otherwise; ``torch`` without Triton.
-    ``split_k`` / ``config`` override the K slices and the launch defaults (``MMA_DEFAULT``).
+    ``path``: ``"mma"`` (fused tensor-core GEMV, bf16/fp16 x), ``"gemm"`` (fused decode + ``tl.dot`` GEMM,
+    bf16/fp16 x and scales), ``"dequant"`` (dense weight into a reused scratch buffer, then
+    ``torch.matmul``), ``"torch"`` (reference).  Default: ``mma`` up to ``MMA_MAX_M`` rows of bf16/fp16 x,
+    ``dequant`` otherwise; ``torch`` without Triton.  ``split_k`` / ``config`` override the K slices and the
+    launch defaults (``MMA_DEFAULT``; ``GEMM_DEFAULT`` for ``gemm``).
     """
     k, n = p.in_features, p.out_features
-    x2, lead = linear_input(x, k, ("mma", "dequant", "torch"), path)
+    x2, lead = linear_input(x, k, ("mma", "gemm", "dequant", "torch"), path)
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte activation loads
         x2 = x2.clone(memory_format=torch.contiguous_format)
     m = x2.shape[0]
@@ -720,8 +956,12 @@ def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, spl
         path = "mma" if fused_ok and m <= MMA_MAX_M else "dequant"
     if path == "mma" and not fused_ok:
         raise ValueError(f"path='mma' needs bf16 activations (or fp16 with a table in fp16 range), got {x2.dtype}")
+    if path == "gemm" and (why := gemm_unsupported(x2.dtype, p)):
+        raise ValueError(f"path='gemm' unsupported: {why}")
     interpret = not x2.is_cuda or _interpret_mode()
-    if path == "dequant":
+    if path == "gemm":
+        y = _launch_gemm(x2, p, interpret, config)
+    elif path == "dequant":
         y = x2 @ decode_mma_weight(p, x2.dtype).T
     else:
         y = _launch_gemv(x2, p, interpret, split_k, config)
