@@ -167,8 +167,9 @@ def table(device, hbm, shapes, batches, block) -> list[dict]:
     return out
 
 
-GEMM_CONFIGS = [dict(BM=bm, STAGES=st, num_warps=nw) for bm, st, nw in
-                [(64, 3, 4), (64, 4, 4), (128, 3, 8), (128, 4, 8), (128, 3, 4), (256, 2, 8), (256, 3, 8)]]  # fmt: skip
+GEMM_CONFIGS = [dict(BM=bm, STAGES=st, num_warps=nw, SPLIT=sp) for bm, st, nw, sp in
+                [(16, 3, 4, None), (32, 3, 4, None), (64, 3, 4, None), (64, 3, 4, 1), (128, 3, 4, None),
+                 (128, 3, 8, None), (256, 3, 8, None)]]  # fmt: skip
 
 
 def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
@@ -183,8 +184,13 @@ def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
             rec = dict(n=n, k=k, m=m, block=block, bf16_us=case.t_bf16(x), tinygemm_us=case.t_tinygemm(x))
             rec["dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
                                                case.n_rot)  # fmt: skip
+            if m <= LM.MMA_MAX_M:
+                rec["gemv_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="mma"),
+                                                case.n_rot)  # fmt: skip
             rec["gemm"] = []
             for cfg in GEMM_CONFIGS:
+                if cfg["BM"] > 2 * max(m, 16) or (cfg["BM"] < 64 and m > 128):
+                    continue
                 try:
                     err = KB.rel_err(LM.mma_linear(x, packs[0], path="gemm", config=cfg), ref)
                     def call(i, x=x, ps=packs, cfg=cfg):
@@ -198,7 +204,8 @@ def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
             best = min(ok, key=lambda g: g["us"]) if ok else None
             rec["best"] = best
             out.append(rec)
-            log(f"gemm {n}x{k} M={m}: bf16 {rec['bf16_us']:.1f} tinygemm {rec['tinygemm_us'] or 0:.1f} dequant "
+            log(f"gemm {n}x{k} M={m}: bf16 {rec['bf16_us']:.1f} gemv {rec.get('gemv_us', 0):.1f} tinygemm "
+                f"{rec['tinygemm_us'] or 0:.1f} dequant "
                 f"{rec['dequant_us']:.1f} best gemm {best['us'] if best else float('nan'):.1f} us "
                 f"({best['config'] if best else '-'}, x bf16 {best['x_bf16'] if best else 0:.2f}, err "
                 f"{best['rel_err'] if best else 0:.1e})")  # fmt: skip
@@ -218,7 +225,7 @@ def pdl_table(device, hbm, shapes, block) -> list[dict]:
             x = case.x(m)
             buf = torch.empty_like(x)
             rec = dict(n=n, k=k, m=m)
-            for pdl in (True, False):
+            for pdl in (True, "late", False):
                 cfg = {"PDL": pdl}
                 def plain(i, ps=packs, cfg=cfg, x=x):
                     return LM.mma_linear(x, ps[i], config=cfg)

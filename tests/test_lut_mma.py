@@ -124,7 +124,7 @@ def _gemm_weight_reference(codes, lut, scales, block, dtype):
 @needs_triton
 @pytest.mark.parametrize(("n", "k", "block", "m", "config"), [
     (40, 128, 64, 5, {"BM": 16}), (333, 1008, 128, 19, {"BM": 16}), (150, 320, 320, 70, {"BM": 64, "STAGES": 2}),
-    (24, 192, 64, 33, {"BM": 32, "BT": 16}),
+    (24, 192, 64, 33, {"BM": 32, "BT": 16}), (40, 448, 128, 9, {"BM": 16, "SPLIT": 3}),
 ])  # fmt: skip
 def test_gemm_matches_its_rounding_and_float64(monkeypatch, n, k, block, m, config):
     _kernels_here(monkeypatch)
@@ -153,7 +153,7 @@ def test_gemm_refuses_what_it_cannot_compute(monkeypatch):
     assert LM.gemm_unsupported(torch.bfloat16, p) is None and "x is" in LM.gemm_unsupported(torch.float32, p)
     if LM.HAS_TRITON:
         _kernels_here(monkeypatch)
-        for bad, field in (({"BM": 48}, "BM"), ({"BT": 4}, "BT"), ({"STAGES": 0}, "STAGES")):
+        for bad, field in (({"BM": 48}, "BM"), ({"BT": 4}, "BT"), ({"STAGES": 0}, "STAGES"), ({"SPLIT": 0}, "SPLIT")):
             with pytest.raises(ValueError, match=field):
                 LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="gemm", config=bad)
 
@@ -166,6 +166,13 @@ def test_dequant_kernel_is_bit_exact(monkeypatch):
         p = LM.pack_mma_weight(codes, lut, scales, block, device=DEV)
         out = LM.decode_mma_weight(p, torch.float32).cpu()
         assert torch.equal(out, dequantize_reference(codes, lut, scales, block))
+
+
+def test_gemm_split_fills_the_gpu_with_long_enough_slices():
+    assert LM.gemm_split(896, 64, 132) == 1  # enough programs already
+    assert LM.gemm_split(128, 224, 132) == 3  # 4096 x 14336 at BM = 64: 3 slices of 75 groups
+    assert LM.gemm_split(8, 64, 132) == 4  # K = 4096: slices stay >= 16 groups
+    assert LM.gemm_split(8, 10, 132) == 1
 
 
 def test_tiles_per_program_keeps_enough_programs():

@@ -81,7 +81,8 @@ MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, 
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 #: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program, STAGES groups in flight.
-GEMM_DEFAULT = {"BT": 8, "BM": 128, "STAGES": 3, "num_warps": 8}
+GEMM_DEFAULT = {"BT": 8, "BM": 128, "STAGES": 3, "num_warps": 8, "SPLIT": None}
+GEMM_PROGRAMS_PER_SM, GEMM_MIN_GROUPS = 2, 16
 TILE_ROWS, GROUP_K = 16, 64
 
 
@@ -502,25 +503,23 @@ def _mma_gemv_kernel(
     lane_off = (lane % COPIES) * 4
 
     # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r); the first
-    # loads go out before the table fill so that their latency overlaps it.  With PDL the code words and the
-    # table (this layer's own data) are read while the previous kernel finishes; x only after the wait.
+    # loads go out before the table fill so that their latency overlaps it.  With PDL the first code words
+    # (this layer's own data) are requested while the previous kernel finishes; x only after the wait.
     if PDL:
         _grid_dependency(False)
     q0 = u0 * SG
     w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (q0 < q_hi), ASM)
     if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
         v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (q0 + 1 < q_hi), ASM)
-    if not PDL:
-        p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
-        if AHEAD == 2:
-            pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
-    if ASM:
+    if PDL == 2:  # (measured alternative: the table fill before the wait too)
         _fill_table(tab_ptr, t, NT, COPIES)
     if PDL:
         _grid_dependency(True)
-        p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
-        if AHEAD == 2:
-            pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
+    p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
+    if AHEAD == 2:
+        pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
+    if ASM and PDL != 2:
+        _fill_table(tab_ptr, t, NT, COPIES)
     zero = tl.zeros([NT], dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # batch tile 0 (MT = 2: also tile 1 below)
     bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero
@@ -677,16 +676,19 @@ def _round_to(v, dt: tl.constexpr):
 
 
 def _mma_gemm_kernel(
-    x_ptr, w_ptr, lut_ptr, tb_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups,
-    SG: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
-    ASM: tl.constexpr,
+    x_ptr, w_ptr, lut_ptr, tb_ptr, s_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups,
+    groups_per_split, SG: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, STAGES: tl.constexpr,
+    F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """``y[BM rows of x, 16 BT features] = x @ W.T`` per program (batches > ``MMA_MAX_M``), K in steps of one
     64-column group: the group's code words are decoded (times their scales) into two ``[8 BT, 64]`` weight
     tiles -- rows ``16 t + g`` (h = 0) and ``16 t + 8 + g`` (h = 1) -- and fed to ``tl.dot`` (wgmma on
-    sm_90) with the activations as the first operand.  Programs along axis 0 share a weight tile (L2)."""
+    sm_90) with the activations as the first operand.  Programs along axis 0 share a weight tile (L2); axis 2
+    splits K (``SPLIT``: fp32 partial sums per slice, summed on the host side)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    q_lo = tl.program_id(2) * groups_per_split
+    q_end = tl.minimum(q_lo + groups_per_split, n_groups)
     R: tl.constexpr = BT * 8
     rr = tl.arange(0, R)
     t = pid_n * BT + rr // 8
@@ -701,7 +703,7 @@ def _mma_gemm_kernel(
     s_rows = s_ptr + row0.to(tl.int64) * lds
     acc0 = tl.zeros([BM, R], dtype=tl.float32)
     acc1 = tl.zeros([BM, R], dtype=tl.float32)
-    for q in tl.range(0, n_groups, num_stages=STAGES):
+    for q in tl.range(q_lo, q_end, num_stages=STAGES):
         wd = tl.load(w_rows + q * 128, mask=t_ok, other=0)
         xt = tl.load(x_rows + q * 64, mask=m_ok[:, None] & ((q * 64 + kk) < K)[None, :], other=0.0)
         s0 = tl.load(s_rows + q // SG, mask=row0 < N, other=0.0).to(x_ptr.dtype.element_ty)  # (lossless: host)
@@ -714,10 +716,17 @@ def _mma_gemm_kernel(
             xt, w0, w1 = xt.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
         acc0 = tl.dot(xt, tl.trans(w0), acc0)
         acc1 = tl.dot(xt, tl.trans(w1), acc1)
-    dt = y_ptr.dtype.element_ty
-    y0 = y_ptr + m.to(tl.int64)[:, None] * stride_ym + row0[None, :]
-    tl.store(y0, acc0.to(dt), mask=m_ok[:, None] & (row0 < N)[None, :])
-    tl.store(y0 + 8, acc1.to(dt), mask=m_ok[:, None] & (row0 + 8 < N)[None, :])
+    ok0 = m_ok[:, None] & (row0 < N)[None, :]
+    ok1 = m_ok[:, None] & (row0 + 8 < N)[None, :]
+    if SPLIT:
+        part = ws_ptr + tl.program_id(2).to(tl.int64) * M * N + m.to(tl.int64)[:, None] * N + row0[None, :]
+        tl.store(part, acc0, mask=ok0)
+        tl.store(part + 8, acc1, mask=ok1)
+    else:
+        dt = y_ptr.dtype.element_ty
+        y0 = y_ptr + m.to(tl.int64)[:, None] * stride_ym + row0[None, :]
+        tl.store(y0, acc0.to(dt), mask=ok0)
+        tl.store(y0 + 8, acc1.to(dt), mask=ok1)
 
 
 def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: tl.constexpr, BN: tl.constexpr):
@@ -804,8 +813,8 @@ def _check_config(cfg: dict, kw: int) -> None:
         raise ValueError(f"config AHEAD must be 1 or 2, got {cfg['AHEAD']!r}")
     if cfg["COPIES"] not in (8, 32):
         raise ValueError(f"config COPIES must be 8 or 32, got {cfg['COPIES']!r}")
-    if not isinstance(cfg["PDL"], bool):
-        raise ValueError(f"config PDL must be True or False, got {cfg['PDL']!r}")
+    if not (cfg["PDL"] is True or cfg["PDL"] is False or cfg["PDL"] == "late"):
+        raise ValueError(f"config PDL must be True, False or 'late', got {cfg['PDL']!r}")
 
 
 @functools.cache
@@ -842,7 +851,7 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
                 ws_ptr=ws, cnt_ptr=cnt, M=m, N=y.shape[1], K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                 lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units,
                 n_split=split)  # fmt: skip
-    pdl = cfg["PDL"] and not interpret and _has_pdl(dev)
+    pdl = 0 if interpret or not cfg["PDL"] or not _has_pdl(dev) else 2 if cfg["PDL"] == "late" else 1
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
                 ASM=not interpret, SPLIT=split > 1, PDL=pdl, num_warps=nw, num_stages=1)  # fmt: skip
     if pdl:
@@ -895,22 +904,45 @@ def gemm_unsupported(x_dtype: torch.dtype, p: MmaLutWeight) -> str | None:
     return None
 
 
+def gemm_split(programs: int, n_groups: int, sms: int) -> int:
+    """K slices of the fused GEMM: enough to give every SM ``GEMM_PROGRAMS_PER_SM`` programs, each slice at
+    least ``GEMM_MIN_GROUPS`` groups long (long-K layers with few row tiles, e.g. the MLP's down projection)."""
+    want = GEMM_PROGRAMS_PER_SM * sms
+    if programs >= want:
+        return 1
+    split = min(_cdiv(want, programs), max(1, n_groups // GEMM_MIN_GROUPS))
+    return _cdiv(n_groups, _cdiv(n_groups, split))  # no empty slices
+
+
 def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dict | None) -> torch.Tensor:
     cfg = dict(GEMM_DEFAULT, **(config or {}))
     for name, allowed in (("BT", (8, 16)), ("BM", (16, 32, 64, 128, 256)), ("STAGES", (1, 2, 3, 4, 5))):
         if cfg[name] not in allowed:
             raise ValueError(f"gemm config {name} must be one of {allowed}, got {cfg[name]!r}")
     m, k = x2.shape
-    y = torch.empty((m, p.out_features), device=x2.device, dtype=x2.dtype)
-    row_scale = p.scales.shape[1] == 1
-    f16 = x2.dtype == torch.float16
+    n = p.out_features
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (_cdiv(m, cfg["BM"]), _cdiv(p.n_tiles, cfg["BT"]))
-    _kernel(_mma_gemm_kernel, interpret)[grid](
-        x2, p.words, p.lut, p.byte_tables[1 if f16 else 0], p.scales, y, m, p.out_features, k, x2.stride(0),
-        y.stride(0), p.scales.stride(0), p.n_tiles, p.n_groups,
-        SG=p.n_groups if row_scale else p.scale_block // GROUP_K, BT=cfg["BT"], BM=cfg["BM"], STAGES=cfg["STAGES"],
-        F16=f16, ASM=not interpret, num_warps=cfg["num_warps"], num_stages=cfg["STAGES"],
+    split = cfg.get("SPLIT")
+    if split is None:
+        sms = 4 if interpret else _num_sms(x2.device.index if x2.device.index is not None else
+                                           torch.cuda.current_device())  # fmt: skip
+        split = gemm_split(grid[0] * grid[1], p.n_groups, sms)
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"gemm config SPLIT must be a positive int or None, got {split!r}")
+    per = _cdiv(p.n_groups, min(split, p.n_groups))
+    split = _cdiv(p.n_groups, per)
+    ws = _workspace(x2.device, split * m * n, 1)[0] if split > 1 else y
+    f16 = x2.dtype == torch.float16
+    _kernel(_mma_gemm_kernel, interpret)[grid + (split,)](
+        x2, p.words, p.lut, p.byte_tables[1 if f16 else 0], p.scales, y, ws, m, n, k, x2.stride(0),
+        y.stride(0), p.scales.stride(0), p.n_tiles, p.n_groups, per,
+        SG=p.n_groups if p.scales.shape[1] == 1 else p.scale_block // GROUP_K, BT=cfg["BT"], BM=cfg["BM"],
+        STAGES=cfg["STAGES"], F16=f16, ASM=not interpret, SPLIT=split > 1, num_warps=cfg["num_warps"],
+        num_stages=cfg["STAGES"],
     )  # fmt: skip
+    if split > 1:  # (deterministic: a fixed summation order)
+        y.copy_(ws[: split * m * n].view(split, m, n).sum(dim=0))
     return y
 
 
@@ -949,6 +981,8 @@ def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, spl
         return x.new_empty(*lead, n)
     if x2.device != p.device:
         raise ValueError(f"packed weight is on {p.device}, x on {x2.device}")
+    if path == "gemm" and (why := gemm_unsupported(x2.dtype, p)):
+        raise ValueError(f"path='gemm' unsupported: {why}")
     if path == "torch" or not use_triton(x2):
         return (x2.float() @ dequantize_mma(p).to(x2.device).T).to(x.dtype).reshape(*lead, n)
     fused_ok = x2.dtype == torch.bfloat16 or (x2.dtype == torch.float16 and p.pairs_f16 is not None)
@@ -956,8 +990,6 @@ def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, spl
         path = "mma" if fused_ok and m <= MMA_MAX_M else "dequant"
     if path == "mma" and not fused_ok:
         raise ValueError(f"path='mma' needs bf16 activations (or fp16 with a table in fp16 range), got {x2.dtype}")
-    if path == "gemm" and (why := gemm_unsupported(x2.dtype, p)):
-        raise ValueError(f"path='gemm' unsupported: {why}")
     interpret = not x2.is_cuda or _interpret_mode()
     if path == "gemm":
         y = _launch_gemm(x2, p, interpret, config)
