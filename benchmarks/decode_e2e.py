@@ -107,10 +107,10 @@ class MmaLinear:
         self.p = pack_mma_weight(codes, lut, scales.float(), 128)
         self.config = None
 
-    def without_pdl(self) -> MmaLinear:
-        """The same weight launched without programmatic dependent launch."""
+    def with_pdl(self) -> MmaLinear:
+        """The same weight launched with programmatic dependent launch."""
         other = object.__new__(MmaLinear)
-        other.p, other.config = self.p, {"PDL": False}
+        other.p, other.config = self.p, {"PDL": True}
         return other
 
     def __call__(self, x):
@@ -393,12 +393,11 @@ def main() -> None:
         mlin = {p: [MmaLinear(*shp[p], device, gen) for _ in range(cfg["layers"])] for p in PROJ}
         mlin["lm_head"] = MmaLinear(*shp["lm_head"], device, gen)
         models["lut4mma"] = Model(cfg, mlin, embed, norms, device, args.context, args.compile)
-        if "lut4mma_nopdl" in args.variants:  # the same weights, launched without PDL
-            plain = {p: ([m.without_pdl() for m in v] if isinstance(v, list) else v.without_pdl())
-                     for p, v in mlin.items()}  # fmt: skip
-            models["lut4mma_nopdl"] = Model(cfg, plain, embed, norms, device, args.context, args.compile)
+        if "lut4mma_pdl" in args.variants:  # the same weights, launched with PDL
+            pdl = {p: ([m.with_pdl() for m in v] if isinstance(v, list) else v.with_pdl()) for p, v in mlin.items()}
+            models["lut4mma_pdl"] = Model(cfg, pdl, embed, norms, device, args.context, args.compile)
     res["results"] = {}
-    for name in ("bf16", "lut4", "lut4mma", "lut4mma_nopdl", "grid"):
+    for name in ("bf16", "lut4", "lut4mma", "lut4mma_pdl", "grid"):
         if name not in models:
             continue
         try:

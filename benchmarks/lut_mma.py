@@ -149,11 +149,11 @@ def table(device, hbm, shapes, batches, block) -> list[dict]:
             planes = case.packs
             rec["planes_us"] = KB.bench_graph(lambda i, x=x, ps=planes: KB.LL.lut_linear(x, ps[i]), case.n_rot)
             rec["mma_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i]), case.n_rot)
-            if 16 < m <= LM.MMA_MAX_M:  # the alternative for mid batches: dequantise + cuBLAS
+            if m > 16:  # the alternative for larger batches: dequantise + cuBLAS
                 rec["mma_dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
                                                        case.n_rot)  # fmt: skip
             rec["mma_rel_err"] = KB.rel_err(LM.mma_linear(x, packs[0]), ref)
-            rec["mma_path"] = "mma" if m <= LM.MMA_MAX_M else "dequant"
+            rec["mma_path"] = "mma" if m <= LM.MMA_MAX_M else "gemm" if m <= LM.GEMM_MAX_M else "dequant"
             rec["split"] = next((r.split for key, r in packs[0]._launch_cache.items() if key[:2] == ("mma", m)), None)
             t = rec["mma_us"]
             rec["mma_pct_hbm"] = 100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm
@@ -184,7 +184,7 @@ def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
             rec = dict(n=n, k=k, m=m, block=block, bf16_us=case.t_bf16(x), tinygemm_us=case.t_tinygemm(x))
             rec["dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
                                                case.n_rot)  # fmt: skip
-            if m <= LM.MMA_MAX_M:
+            if m <= 64:
                 rec["gemv_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="mma"),
                                                 case.n_rot)  # fmt: skip
             rec["gemm"] = []
@@ -225,7 +225,7 @@ def pdl_table(device, hbm, shapes, block) -> list[dict]:
             x = case.x(m)
             buf = torch.empty_like(x)
             rec = dict(n=n, k=k, m=m)
-            for pdl in (True, "late", False):
+            for pdl in (True, False):
                 cfg = {"PDL": pdl}
                 def plain(i, ps=packs, cfg=cfg, x=x):
                     return LM.mma_linear(x, ps[i], config=cfg)

@@ -170,7 +170,9 @@ def test_dequant_kernel_is_bit_exact(monkeypatch):
 
 def test_gemm_split_fills_the_gpu_with_long_enough_slices():
     assert LM.gemm_split(896, 64, 132) == 1  # enough programs already
-    assert LM.gemm_split(128, 224, 132) == 3  # 4096 x 14336 at BM = 64: 3 slices of 75 groups
+    assert LM.gemm_split(224, 64, 132) == 1
+    assert LM.gemm_split(128, 224, 132) == 2  # 4096 x 14336 at BM = 64: 2 slices of 112 groups
+    assert LM.gemm_split(64, 64, 132) == 3  # 4096 x 4096 at M = 256, BM = 128
     assert LM.gemm_split(8, 64, 132) == 4  # K = 4096: slices stay >= 16 groups
     assert LM.gemm_split(8, 10, 132) == 1
 

@@ -65,24 +65,28 @@ from .lut_linear import (
 )
 from .reference import dequantize_reference
 
-__all__ = ["MMA_MAX_M", "MmaLutWeight", "mma_linear", "mma_reference_codes", "mma_unsupported", "pack_mma_weight",
-           "dequantize_mma"]  # fmt: skip
+__all__ = ["GEMM_MAX_M", "MMA_MAX_M", "MmaLutWeight", "gemm_unsupported", "mma_linear", "mma_reference_codes",
+           "mma_unsupported", "pack_mma_weight", "dequantize_mma"]  # fmt: skip
 
-#: Largest batch the fused kernel serves (in programs of 16 rows); larger batches dequantise + cuBLAS.
-MMA_MAX_M = 64
+#: Batches up to ``MMA_MAX_M`` rows take the GEMV (programs of 8 or 16 rows), up to ``GEMM_MAX_M`` the fused GEMM,
+#: larger ones dequantise + cuBLAS (the fastest of the three at each size on the H100: RESULTS.md section 5).
+MMA_MAX_M = 32
+GEMM_MAX_M = 256
 #: Launch defaults: warps per program, warps sharing one 16-row tile (each takes a slice of the program's K
 #: range; summed in shared memory), groups loaded ahead, table copies, programs per SM the split-K heuristic
 #: aims for (H100 sweeps, benchmarks/RESULTS.md section 5).
 #: ``KW=None``: the fewest warps per tile that still give ``MIN_PROGRAMS_PER_SM`` programs per SM.
-#: ``PDL``: programmatic dependent launch where the GPU has it (sm_90+): a call starts -- table fill, first code
-#: words -- while the previous kernel in the stream finishes, and reads x only after it has.
-MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": True}  # up to 8 rows of x
-MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": True}  # 9-16 rows
+#: ``PDL``: programmatic dependent launch (sm_90+): a call reads its first code words and fills its table while
+#: the previous kernel in the stream finishes, and x only after it has.  Off: measured on the H100 it saved 0.5-2
+#: us between back-to-back GEMVs on two shapes, lost 1 us on the third and 0.5 us after an elementwise kernel
+#: (the case inside a model; RESULTS.md section 5, session 7).
+MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": False}  # up to 8 rows of x
+MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": False}  # 9-16 rows
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 #: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program, STAGES groups in flight.
 GEMM_DEFAULT = {"BT": 8, "BM": 128, "STAGES": 3, "num_warps": 8, "SPLIT": None}
-GEMM_PROGRAMS_PER_SM, GEMM_MIN_GROUPS = 2, 16
+GEMM_PROGRAMS_PER_SM, GEMM_MIN_GROUPS = 1, 16
 TILE_ROWS, GROUP_K = 16, 64
 
 
@@ -503,22 +507,22 @@ def _mma_gemv_kernel(
     lane_off = (lane % COPIES) * 4
 
     # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r); the first
-    # loads go out before the table fill so that their latency overlaps it.  With PDL the first code words
-    # (this layer's own data) are requested while the previous kernel finishes; x only after the wait.
+    # loads go out before the table fill so that their latency overlaps it.  With PDL the first code words and
+    # the table (this layer's own data) are read while the previous kernel finishes; x only after the wait.
     if PDL:
         _grid_dependency(False)
     q0 = u0 * SG
     w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (q0 < q_hi), ASM)
     if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
         v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (q0 + 1 < q_hi), ASM)
-    if PDL == 2:  # (measured alternative: the table fill before the wait too)
-        _fill_table(tab_ptr, t, NT, COPIES)
-    if PDL:
+    if PDL:  # (waiting before the table fill instead measured slower still)
+        if ASM:
+            _fill_table(tab_ptr, t, NT, COPIES)
         _grid_dependency(True)
     p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
     if AHEAD == 2:
         pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
-    if ASM and PDL != 2:
+    if ASM and not PDL:
         _fill_table(tab_ptr, t, NT, COPIES)
     zero = tl.zeros([NT], dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # batch tile 0 (MT = 2: also tile 1 below)
@@ -813,8 +817,8 @@ def _check_config(cfg: dict, kw: int) -> None:
         raise ValueError(f"config AHEAD must be 1 or 2, got {cfg['AHEAD']!r}")
     if cfg["COPIES"] not in (8, 32):
         raise ValueError(f"config COPIES must be 8 or 32, got {cfg['COPIES']!r}")
-    if not (cfg["PDL"] is True or cfg["PDL"] is False or cfg["PDL"] == "late"):
-        raise ValueError(f"config PDL must be True, False or 'late', got {cfg['PDL']!r}")
+    if not isinstance(cfg["PDL"], bool):
+        raise ValueError(f"config PDL must be True or False, got {cfg['PDL']!r}")
 
 
 @functools.cache
@@ -851,7 +855,7 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
                 ws_ptr=ws, cnt_ptr=cnt, M=m, N=y.shape[1], K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                 lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units,
                 n_split=split)  # fmt: skip
-    pdl = 0 if interpret or not cfg["PDL"] or not _has_pdl(dev) else 2 if cfg["PDL"] == "late" else 1
+    pdl = cfg["PDL"] and not interpret and _has_pdl(dev)
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
                 ASM=not interpret, SPLIT=split > 1, PDL=pdl, num_warps=nw, num_stages=1)  # fmt: skip
     if pdl:
@@ -969,8 +973,9 @@ def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, spl
     ``path``: ``"mma"`` (fused tensor-core GEMV, bf16/fp16 x), ``"gemm"`` (fused decode + ``tl.dot`` GEMM,
     bf16/fp16 x and scales), ``"dequant"`` (dense weight into a reused scratch buffer, then
     ``torch.matmul``), ``"torch"`` (reference).  Default: ``mma`` up to ``MMA_MAX_M`` rows of bf16/fp16 x,
-    ``dequant`` otherwise; ``torch`` without Triton.  ``split_k`` / ``config`` override the K slices and the
-    launch defaults (``MMA_DEFAULT``; ``GEMM_DEFAULT`` for ``gemm``).
+    ``gemm`` up to ``GEMM_MAX_M`` where it applies, ``dequant`` otherwise; ``torch`` without Triton.
+    ``split_k`` / ``config`` override the K slices and the launch defaults (``MMA_DEFAULT``; ``GEMM_DEFAULT``
+    for ``gemm``).
     """
     k, n = p.in_features, p.out_features
     x2, lead = linear_input(x, k, ("mma", "gemm", "dequant", "torch"), path)
@@ -987,7 +992,10 @@ def mma_linear(x: torch.Tensor, p: MmaLutWeight, *, path: str | None = None, spl
         return (x2.float() @ dequantize_mma(p).to(x2.device).T).to(x.dtype).reshape(*lead, n)
     fused_ok = x2.dtype == torch.bfloat16 or (x2.dtype == torch.float16 and p.pairs_f16 is not None)
     if path is None:
-        path = "mma" if fused_ok and m <= MMA_MAX_M else "dequant"
+        if fused_ok and m <= MMA_MAX_M:
+            path = "mma"
+        else:
+            path = "gemm" if m <= GEMM_MAX_M and gemm_unsupported(x2.dtype, p) is None else "dequant"
     if path == "mma" and not fused_ok:
         raise ValueError(f"path='mma' needs bf16 activations (or fp16 with a table in fp16 range), got {x2.dtype}")
     interpret = not x2.is_cuda or _interpret_mode()
