@@ -167,9 +167,9 @@ def table(device, hbm, shapes, batches, block) -> list[dict]:
     return out
 
 
-GEMM_CONFIGS = [dict(BM=bm, STAGES=st, num_warps=nw, SPLIT=sp) for bm, st, nw, sp in
-                [(16, 3, 4, None), (32, 3, 4, None), (64, 3, 4, None), (64, 3, 4, 1), (128, 3, 4, None),
-                 (128, 3, 8, None), (256, 3, 8, None)]]  # fmt: skip
+GEMM_CONFIGS = [dict(BM=bm, STAGES=st, num_warps=nw, SPLIT=sp, BT=bt) for bm, st, nw, sp, bt in
+                [(64, 3, 4, None, 8), (64, 3, 4, 1, 8), (128, 3, 4, None, 8), (128, 3, 4, 1, 8), (128, 3, 8, None, 8),
+                 (64, 3, 4, None, 16), (128, 3, 8, None, 16), (128, 4, 8, None, 16), (256, 3, 8, None, 8)]]  # fmt: skip
 
 
 def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:

@@ -84,8 +84,9 @@ MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL"
 MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": False}  # 9-16 rows
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
-#: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program, STAGES groups in flight.
-GEMM_DEFAULT = {"BT": 8, "BM": 128, "STAGES": 3, "num_warps": 8, "SPLIT": None}
+#: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program (None: 64 up to 64 rows, else
+#: 128), STAGES groups in flight, SPLIT K slices (None: :func:`gemm_split`) -- the H100 sweep's best at 64-256 rows.
+GEMM_DEFAULT = {"BT": 8, "BM": None, "STAGES": 3, "num_warps": 4, "SPLIT": None}
 GEMM_PROGRAMS_PER_SM, GEMM_MIN_GROUPS = 1, 16
 TILE_ROWS, GROUP_K = 16, 64
 
@@ -920,6 +921,8 @@ def gemm_split(programs: int, n_groups: int, sms: int) -> int:
 
 def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dict | None) -> torch.Tensor:
     cfg = dict(GEMM_DEFAULT, **(config or {}))
+    if cfg["BM"] is None:
+        cfg["BM"] = 64 if x2.shape[0] <= 64 else 128
     for name, allowed in (("BT", (8, 16)), ("BM", (16, 32, 64, 128, 256)), ("STAGES", (1, 2, 3, 4, 5))):
         if cfg[name] not in allowed:
             raise ValueError(f"gemm config {name} must be one of {allowed}, got {cfg[name]!r}")
