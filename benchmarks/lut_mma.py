@@ -7,10 +7,11 @@ all timed with CUDA-graph replays rotating over enough weight copies to defeat t
 in the same run (device-to-device copy).  First, correctness on the GPU against a float64 reference
 (odd shapes, batches 1-64, bf16 and fp16, block 64 / 128 / per row) and a launch-config sweep at batch 1.
 
-Parts (``--parts``): ``check`` (GPU correctness), ``sweep`` (batch-1 launch configs), ``msweep`` (the same at
-batch 4 and 16), ``asweep`` (prefetch depth x register cap), ``table`` (the RESULTS table), ``eager`` (host time
-per eager call), ``pdl`` (programmatic dependent launch on / off), ``gemm`` (the fused large-batch GEMM's configs
-vs dequantise + cuBLAS at ``--gemm-batches``); ``--shapes NxK ...`` replaces the four 8B-Llama shapes.
+Parts (``--parts``): ``check`` (GPU correctness), ``sweep`` (batch-1 launch configs), ``wsweep`` (8- vs 16-warp
+programs at batch 1), ``msweep`` (the same at batch 4 and 16), ``asweep`` (prefetch depth x register cap),
+``table`` (the RESULTS table), ``eager`` (host time per eager call), ``pdl`` (programmatic dependent launch on /
+off), ``gemm`` (the fused large-batch GEMM's configs vs dequantise + cuBLAS at ``--gemm-batches``);
+``--shapes NxK ...`` replaces the four 8B-Llama shapes.
 
 Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/lut_mma.py --out $OUT``.
 """
@@ -68,19 +69,25 @@ def check(device) -> list[dict]:
     return rows
 
 
-def sweep(device, hbm, shapes, block, m=1) -> list[dict]:
-    """Batch ``m``: every launch variant (split-K from the PER_SM heuristic)."""
+def sweep(device, hbm, shapes, block, m=1, grid=None) -> list[dict]:
+    """Batch ``m``: every launch variant of ``grid`` (split-K from the PER_SM heuristic)."""
     out = []
-    grid = dict(NW=(4, 8), KW=(1, 2, 4, 8), AHEAD=(2,) if m <= 8 else (1,), COPIES=(32,), PER_SM=(1, 2, 4, 8))
+    if grid is None:
+        grid = dict(NW=(4, 8), KW=(1, 2, 4, 8), AHEAD=(2,) if m <= 8 else (1,), COPIES=(32,), PER_SM=(1, 2, 4, 8))
     for n, k in shapes:
         case = KB.Case(n, k, 4, block, device, peers=False)
         packs = mma_copies(case, case.n_rot)
         x = case.x(m)
         for vals in itertools.product(*grid.values()):
             cfg = dict(zip(grid, vals, strict=True))
-            if cfg["NW"] % cfg["KW"]:
+            if cfg["KW"] is not None and cfg["NW"] % cfg["KW"]:
                 continue
-            t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg), case.n_rot)
+            try:
+                t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg),
+                                   case.n_rot)  # fmt: skip
+            except Exception as exc:  # (a config that does not compile or fit: reported, not fatal)
+                log(f"sweep {n}x{k} {cfg}: {exc!r:.200}")
+                continue
             out.append(dict(n=n, k=k, m=m, config=cfg, time_us=t,
                             pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm))  # fmt: skip
         best = min((r for r in out if (r["n"], r["k"]) == (n, k)), key=lambda r: r["time_us"])
@@ -296,6 +303,10 @@ def main() -> None:
         save()
     if "eager" in args.parts:
         res["eager"] = eager_overhead(device)
+        save()
+    if "wsweep" in args.parts:  # 16-warp programs (more loads in flight per SM on small layers)
+        wide = dict(NW=(8, 16), KW=(None, 4, 8, 16), AHEAD=(2,), COPIES=(32,), PER_SM=(1, 2))
+        res["wsweep"] = sweep(device, hbm, shapes, args.block, grid=wide)
         save()
     if "msweep" in args.parts:  # the same at decode batches 4 and 16
         res["msweep"] = sweep(device, hbm, shapes, args.block, m=4) + sweep(device, hbm, shapes, args.block, m=16)
