@@ -3,7 +3,8 @@
 * :mod:`.reference` -- pure-torch reference (dequantise in float32, then matmul);
 * :mod:`.lut_linear` -- Triton GEMV/GEMM kernels and the bit-plane weight layout (2-8 bit codes);
 * :mod:`.lut_mma` -- 4-bit codes stored in ``mma.m16n8k16`` fragment order: a tensor-core decode GEMV for
-  batches up to 64 (the runtime's default layout for 4-bit tables where the shape allows it);
+  batches up to 32 and a fused decode + ``tl.dot`` GEMM up to 256 (the runtime's default layout for 4-bit
+  tables where the shape allows it);
 * :mod:`.grid_linear` -- entropy-coded grid weights decoded on the GPU (fused decode-GEMV), with
   :mod:`.grid_reference` beside it (import the submodule: its main function shares its name);
   ``pack_grid_weight`` re-codes a stored (rANS) weight into the prefix-code layout of

@@ -35,6 +35,10 @@ Kernels
   programs (deterministic partial sums in global memory, as in :mod:`.lut_linear`).  Under
   ``TRITON_INTERPRET=1`` the inline PTX (table reads, ``mma``, vector loads) is replaced by Triton
   code that emulates it lane by lane (``_mma_emulated``), so CPU tests run the kernel's indexing.
+* ``_mma_gemm_kernel`` -- batches of 33-256 rows: per 64-column group the code words are decoded in registers
+  (``prmt`` lookups into the table's low and high bytes, times the 16-bit block scales) into two weight tiles
+  that feed ``tl.dot`` (wgmma on sm_90), the activations as the first operand; split-K where programs are
+  fewer than SMs.
 * ``_mma_dequant_kernel`` -- the dense weight (larger batches: dequantise + cuBLAS, and fp32 x).
 
 :func:`mma_reference_codes` inverts the layout in torch (the reference the tests use).
