@@ -142,35 +142,40 @@ def eager_overhead(device) -> dict:
     return out
 
 
-def table(device, hbm, shapes, batches, block) -> list[dict]:
-    out = []
+def cases(device, shapes, batches, block, peers=True):
+    """``(case, fragment-layout copies, m, x)`` per shape and batch; a shape's weights are freed before the next."""
     for n, k in shapes:
-        case = KB.Case(n, k, 4, block, device, peers=True)
+        case = KB.Case(n, k, 4, block, device, peers=peers)
         packs = mma_copies(case, case.n_rot)
         for m in batches:
-            x = case.x(m)
-            ref = case.ref(x)
-            rec = dict(n=n, k=k, m=m, block=block, mma_bytes=packs[0].nbytes, planes_bytes=case.wbytes)
-            rec["bf16_us"] = case.t_bf16(x)
-            rec["tinygemm_us"] = case.t_tinygemm(x)
-            planes = case.packs
-            rec["planes_us"] = KB.bench_graph(lambda i, x=x, ps=planes: KB.LL.lut_linear(x, ps[i]), case.n_rot)
-            rec["mma_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i]), case.n_rot)
-            if m > 16:  # the alternative for larger batches: dequantise + cuBLAS
-                rec["mma_dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
-                                                       case.n_rot)  # fmt: skip
-            rec["mma_rel_err"] = KB.rel_err(LM.mma_linear(x, packs[0]), ref)
-            rec["mma_path"] = "mma" if m <= LM.MMA_MAX_M else "gemm" if m <= LM.GEMM_MAX_M else "dequant"
-            rec["split"] = next((r.split for key, r in packs[0]._launch_cache.items() if key[:2] == ("mma", m)), None)
-            t = rec["mma_us"]
-            rec["mma_pct_hbm"] = 100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm
-            rec["x_bf16"] = rec["bf16_us"] / t
-            rec["x_planes"] = rec["planes_us"] / t
-            rec["x_tinygemm"] = rec["tinygemm_us"] / t if rec["tinygemm_us"] else None
-            out.append(rec)
-            log(json.dumps({a: (round(b, 3) if isinstance(b, float) else b) for a, b in rec.items()}))
-        case = packs = None  # free before the next shape
+            yield case, packs, m, case.x(m)
+        case = packs = None
         torch.cuda.empty_cache()
+
+
+def table(device, hbm, shapes, batches, block) -> list[dict]:
+    out = []
+    for case, packs, m, x in cases(device, shapes, batches, block):
+        ref = case.ref(x)
+        rec = dict(n=case.n, k=case.k, m=m, block=block, mma_bytes=packs[0].nbytes, planes_bytes=case.wbytes)
+        rec["bf16_us"] = case.t_bf16(x)
+        rec["tinygemm_us"] = case.t_tinygemm(x)
+        planes = case.packs
+        rec["planes_us"] = KB.bench_graph(lambda i, x=x, ps=planes: KB.LL.lut_linear(x, ps[i]), case.n_rot)
+        rec["mma_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i]), case.n_rot)
+        if m > 16:  # the alternative for larger batches: dequantise + cuBLAS
+            rec["mma_dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
+                                                   case.n_rot)  # fmt: skip
+        rec["mma_rel_err"] = KB.rel_err(LM.mma_linear(x, packs[0]), ref)
+        rec["mma_path"] = "mma" if m <= LM.MMA_MAX_M else "gemm" if m <= LM.GEMM_MAX_M else "dequant"
+        rec["split"] = next((r.split for key, r in packs[0]._launch_cache.items() if key[:2] == ("mma", m)), None)
+        t = rec["mma_us"]
+        rec["mma_pct_hbm"] = 100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm
+        rec["x_bf16"] = rec["bf16_us"] / t
+        rec["x_planes"] = rec["planes_us"] / t
+        rec["x_tinygemm"] = rec["tinygemm_us"] / t if rec["tinygemm_us"] else None
+        out.append(rec)
+        log(json.dumps({a: (round(b, 3) if isinstance(b, float) else b) for a, b in rec.items()}))
     return out
 
 
@@ -182,42 +187,35 @@ GEMM_CONFIGS = [dict(BM=bm, STAGES=st, num_warps=nw, SPLIT=sp, BT=bt) for bm, st
 def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
     """Large batches: the fused GEMM (every config in GEMM_CONFIGS) vs dequantise + cuBLAS, bf16, tinygemm."""
     out = []
-    for n, k in shapes:
-        case = KB.Case(n, k, 4, block, device, peers=True)
-        packs = mma_copies(case, case.n_rot)
-        for m in batches:
-            x = case.x(m)
-            ref = case.ref(x)
-            rec = dict(n=n, k=k, m=m, block=block, bf16_us=case.t_bf16(x), tinygemm_us=case.t_tinygemm(x))
-            rec["dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
-                                               case.n_rot)  # fmt: skip
-            if m <= 64:
-                rec["gemv_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="mma"),
-                                                case.n_rot)  # fmt: skip
-            rec["gemm"] = []
-            for cfg in GEMM_CONFIGS:
-                if cfg["BM"] > 2 * max(m, 16) or (cfg["BM"] < 64 and m > 128):
-                    continue
-                try:
-                    err = KB.rel_err(LM.mma_linear(x, packs[0], path="gemm", config=cfg), ref)
-                    def call(i, x=x, ps=packs, cfg=cfg):
-                        return LM.mma_linear(x, ps[i], path="gemm", config=cfg)
+    for case, packs, m, x in cases(device, shapes, batches, block):
+        ref = case.ref(x)
+        rec = dict(n=case.n, k=case.k, m=m, block=block, bf16_us=case.t_bf16(x), tinygemm_us=case.t_tinygemm(x))
+        rec["dequant_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="dequant"),
+                                           case.n_rot)  # fmt: skip
+        if m <= 64:
+            rec["gemv_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="mma"), case.n_rot)
+        rec["gemm"] = []
+        for cfg in GEMM_CONFIGS:
+            if cfg["BM"] > 2 * max(m, 16) or (cfg["BM"] < 64 and m > 128):
+                continue
+            try:
+                err = KB.rel_err(LM.mma_linear(x, packs[0], path="gemm", config=cfg), ref)
 
-                    t = KB.bench_graph(call, case.n_rot)
-                    rec["gemm"].append(dict(config=cfg, us=t, rel_err=err, x_bf16=rec["bf16_us"] / t))
-                except Exception as exc:  # (a config that does not fit: reported, not fatal)
-                    rec["gemm"].append(dict(config=cfg, error=repr(exc)[:300]))
-            ok = [g for g in rec["gemm"] if "us" in g]
-            best = min(ok, key=lambda g: g["us"]) if ok else None
-            rec["best"] = best
-            out.append(rec)
-            log(f"gemm {n}x{k} M={m}: bf16 {rec['bf16_us']:.1f} gemv {rec.get('gemv_us', 0):.1f} tinygemm "
-                f"{rec['tinygemm_us'] or 0:.1f} dequant "
-                f"{rec['dequant_us']:.1f} best gemm {best['us'] if best else float('nan'):.1f} us "
-                f"({best['config'] if best else '-'}, x bf16 {best['x_bf16'] if best else 0:.2f}, err "
-                f"{best['rel_err'] if best else 0:.1e})")  # fmt: skip
-        case = packs = None
-        torch.cuda.empty_cache()
+                def call(i, x=x, ps=packs, cfg=cfg):
+                    return LM.mma_linear(x, ps[i], path="gemm", config=cfg)
+
+                t = KB.bench_graph(call, case.n_rot)
+                rec["gemm"].append(dict(config=cfg, us=t, rel_err=err, x_bf16=rec["bf16_us"] / t))
+            except Exception as exc:  # (a config that does not fit: reported, not fatal)
+                rec["gemm"].append(dict(config=cfg, error=repr(exc)[:300]))
+        ok = [g for g in rec["gemm"] if "us" in g]
+        best = min(ok, key=lambda g: g["us"]) if ok else None
+        rec["best"] = best
+        out.append(rec)
+        log(f"gemm {case.n}x{case.k} M={m}: bf16 {rec['bf16_us']:.1f} gemv {rec.get('gemv_us', 0):.1f} tinygemm "
+            f"{rec['tinygemm_us'] or 0:.1f} dequant {rec['dequant_us']:.1f} best gemm "
+            f"{best['us'] if best else float('nan'):.1f} us ({best['config'] if best else '-'}, x bf16 "
+            f"{best['x_bf16'] if best else 0:.2f}, err {best['rel_err'] if best else 0:.1e})")  # fmt: skip
     return out
 
 
@@ -225,31 +223,25 @@ def pdl_table(device, hbm, shapes, block) -> list[dict]:
     """Programmatic dependent launch on / off, batch 1 and 4: calls back to back (consecutive layers on one
     input, e.g. q / k / v), and with a small elementwise kernel writing x before each call (glue -> layer)."""
     out = []
-    for n, k in shapes:
-        case = KB.Case(n, k, 4, block, device, peers=False)
-        packs = mma_copies(case, case.n_rot)
-        for m in (1, 4):
-            x = case.x(m)
-            buf = torch.empty_like(x)
-            rec = dict(n=n, k=k, m=m)
-            for pdl in (True, False):
-                cfg = {"PDL": pdl}
-                def plain(i, ps=packs, cfg=cfg, x=x):
-                    return LM.mma_linear(x, ps[i], config=cfg)
+    for case, packs, m, x in cases(device, shapes, (1, 4), block, peers=False):
+        buf = torch.empty_like(x)
+        rec = dict(n=case.n, k=case.k, m=m)
+        for pdl in (True, False):
+            cfg = {"PDL": pdl}
 
-                rec[f"pdl_{pdl}_us"] = KB.bench_graph(plain, case.n_rot)
+            def plain(i, ps=packs, cfg=cfg, x=x):
+                return LM.mma_linear(x, ps[i], config=cfg)
 
-                def glued(i, ps=packs, cfg=cfg, x=x, buf=buf):
-                    torch.mul(x, 1.0, out=buf)
-                    return LM.mma_linear(buf, ps[i], config=cfg)
+            def glued(i, ps=packs, cfg=cfg, x=x, buf=buf):
+                torch.mul(x, 1.0, out=buf)
+                return LM.mma_linear(buf, ps[i], config=cfg)
 
-                rec[f"glue_pdl_{pdl}_us"] = KB.bench_graph(glued, case.n_rot)
-            rec["glue_only_us"] = KB.bench_graph(lambda i, x=x, buf=buf: torch.mul(x, 1.0, out=buf), case.n_rot)
-            rec["pct_hbm_pdl"] = 100 * packs[0].nbytes / (rec["pdl_True_us"] * 1e-6) / 1e9 / hbm
-            out.append(rec)
-            log("pdl", json.dumps({a: (round(b, 2) if isinstance(b, float) else b) for a, b in rec.items()}))
-        case = packs = None
-        torch.cuda.empty_cache()
+            rec[f"pdl_{pdl}_us"] = KB.bench_graph(plain, case.n_rot)
+            rec[f"glue_pdl_{pdl}_us"] = KB.bench_graph(glued, case.n_rot)
+        rec["glue_only_us"] = KB.bench_graph(lambda i, x=x, buf=buf: torch.mul(x, 1.0, out=buf), case.n_rot)
+        rec["pct_hbm_pdl"] = 100 * packs[0].nbytes / (rec["pdl_True_us"] * 1e-6) / 1e9 / hbm
+        out.append(rec)
+        log("pdl", json.dumps({a: (round(b, 2) if isinstance(b, float) else b) for a, b in rec.items()}))
     return out
 
 
