@@ -32,6 +32,15 @@ from entropy_kernels import encode_grid, lut4_packed, pack, segment_for, student
 
 from hf_optquant.kernels import grid_linear as G  # noqa: E402
 from hf_optquant.kernels.lut_linear import lut_linear  # noqa: E402
+from hf_optquant.kernels.lut_mma import mma_linear, pack_mma_weight  # noqa: E402
+
+
+def mma_packed(n: int, k: int, dev, gen):
+    """A 4-bit fragment-layout weight (random codes, bf16 block-128 scales)."""
+    codes = torch.randint(0, 16, (n, k), device=dev, generator=gen, dtype=torch.uint8)
+    lut = torch.sort(torch.randn(16, device=dev, generator=gen)).values
+    scales = (torch.rand((n, k // 128), device=dev, generator=gen) * 0.02 + 0.01).to(torch.bfloat16).float()
+    return pack_mma_weight(codes, lut, scales, 128)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -44,6 +53,7 @@ def main() -> None:
     ap.add_argument("--grid-shapes", default="14336x4096", help="shapes for the entropy-coded kernel ('' = none)")
     ap.add_argument("--lut-configs", default="", help="';'-separated JSON GEMV configs (default: the built-in)")
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--mma-batches", default="", help="fragment-layout kernel batches, e.g. 1,256")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -56,9 +66,15 @@ def main() -> None:
             calls.append(
                 (f"lut4 {n}x{k} {cfg}", lambda x=x, p=p, cfg=cfg: lut_linear(x, p, path="gemv", config=cfg))
             )
-        if not args.no_bf16:
-            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        w = None if args.no_bf16 else torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        if w is not None:
             calls.append((f"bf16 {n}x{k}", lambda x=x, w=w: F.linear(x, w)))
+        for m in (int(v) for v in args.mma_batches.split(",") if v):  # GEMV / GEMM by the default dispatch
+            pm = mma_packed(n, k, dev, gen)
+            xm = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            calls.append((f"mma {n}x{k} M={m}", lambda x=xm, p=pm: mma_linear(x, p)))
+            if w is not None and m > 1:
+                calls.append((f"bf16 {n}x{k} M={m}", lambda x=xm, w=w: F.linear(x, w)))
     for n, k in parse_shapes(args.grid_shapes):
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         enc = encode_grid(student_t((n, k), dev, gen), 3.5, segment_for(n, k, "speed"))
