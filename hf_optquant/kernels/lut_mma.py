@@ -693,7 +693,7 @@ def _mma_gemm_kernel(
     64-column group: the group's code words are decoded (times their scales) into two ``[8 BT, 64]`` weight
     tiles -- rows ``16 t + g`` (h = 0) and ``16 t + 8 + g`` (h = 1) -- and fed to ``tl.dot`` (wgmma on
     sm_90) with the activations as the first operand.  Programs along axis 0 share a weight tile (L2); axis 2
-    splits K (``SPLIT``: fp32 partial sums per slice, summed on the host side)."""
+    splits K (``SPLIT``: fp32 partial sums per slice, summed afterwards in a fixed order)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     q_lo = tl.program_id(2) * groups_per_split
