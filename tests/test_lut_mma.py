@@ -143,6 +143,19 @@ def test_gemm_matches_its_rounding_and_float64(monkeypatch, n, k, block, m, conf
         assert float((y - own).norm() / own.norm()) < tol_own  # only accumulation and output rounding left
 
 
+@needs_triton
+def test_16bit_dequant_kernel_is_the_gemm_weight_bit_for_bit(monkeypatch):
+    _kernels_here(monkeypatch)
+    for n, k, block in ((37, 192, 64), (150, 320, 320), (20, 576, 128)):
+        codes, lut, scales = _weight(n, k, block, seed=n)
+        scales = scales.bfloat16().float()
+        p = LM.pack_mma_weight(codes, lut, scales, block, device=DEV)
+        for dtype in (torch.bfloat16, torch.float16):
+            out = LM.decode_mma_weight(p, dtype).cpu()
+            ref = _gemm_weight_reference(codes, lut, scales, block, dtype)
+            assert out.dtype == dtype and torch.equal(out.double(), ref)
+
+
 def test_gemm_refuses_what_it_cannot_compute(monkeypatch):
     codes, lut, scales = _weight(16, 64, 64, seed=5)
     p32 = LM.pack_mma_weight(codes, lut, scales + 1e-4, 64)  # not bf16-representable: stored in fp32

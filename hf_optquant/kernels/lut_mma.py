@@ -88,6 +88,7 @@ MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL"
 MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": False}  # 9-16 rows
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
+DEQUANT16_CONFIG = {"BT": 8, "GQ": 4, "num_warps": 4}
 #: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program (None: 64 up to 64 rows, else
 #: 128), STAGES groups in flight, SPLIT K slices (None: :func:`gemm_split`) -- the H100 sweep's best at 64-256 rows.
 GEMM_DEFAULT = {"BT": 8, "BM": None, "STAGES": 3, "num_warps": 4, "SPLIT": None}
@@ -738,6 +739,37 @@ def _mma_gemm_kernel(
         tl.store(y0 + 8, acc1.to(dt), mask=ok1)
 
 
+def _mma_dequant16_kernel(
+    w_ptr, lut_ptr, tb_ptr, s_ptr, o_ptr, N, K, n_tiles, n_groups, lds,
+    SG: tl.constexpr, BT: tl.constexpr, GQ: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """The dense weight in bf16 / fp16 as the GEMM sees it (``round(round(lut) * scale)``): ``16 BT`` rows x
+    ``GQ`` groups per program, each code word read once and decoded in registers (``_decode_tile``)."""
+    R: tl.constexpr = BT * 8
+    rr = tl.arange(0, R)
+    t = tl.program_id(0) * BT + rr // 8
+    row0 = t * 16 + rr % 8
+    cj = tl.arange(0, 16)
+    kk = tl.arange(0, 64)
+    w_rows = w_ptr + t.to(tl.int64)[:, None] * (n_groups * 128) + ((rr % 8) * 16)[:, None] + cj[None, :]
+    s_rows = s_ptr + row0.to(tl.int64) * lds
+    out_rows = o_ptr + row0.to(tl.int64)[:, None] * K
+    dt = o_ptr.dtype.element_ty
+    for i in tl.static_range(GQ):
+        q = tl.program_id(1) * GQ + i
+        live = (q + tl.zeros([R], dtype=tl.int32)) < n_groups  # (a tensor: the interpreter refuses scalar masks)
+        wd = tl.load(w_rows + q * 128, mask=((t < n_tiles) & live)[:, None], other=0)
+        s0 = tl.load(s_rows + q // SG, mask=(row0 < N) & live, other=0.0).to(dt)
+        s1 = tl.load(s_rows + 8 * lds + q // SG, mask=(row0 + 8 < N) & live, other=0.0).to(dt)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _decode_tile(wd, s0, s1, lut_ptr, tb_ptr, F16, ASM)
+        col = q * 64 + kk
+        ok = (col < K)[None, :]
+        tl.store(out_rows + col[None, :], tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [R, 64]),
+                 mask=(row0 < N)[:, None] & ok)  # fmt: skip
+        tl.store(out_rows + 8 * K + col[None, :], tl.reshape(tl.join(tl.join(o4, o6), tl.join(o5, o7)), [R, 64]),
+                 mask=(row0 + 8 < N)[:, None] & ok)  # fmt: skip
+
+
 def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: tl.constexpr, BN: tl.constexpr):
     """The dense ``[BN, 64]`` block of group ``program_id(1)``: each code word is read by its 8 codes' threads
     (L1 hits), every output row segment is written whole."""
@@ -958,13 +990,25 @@ def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dic
 
 
 def decode_mma_weight(p: MmaLutWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight on ``p``'s device (Triton kernel where it runs, else the torch reference)."""
+    """The dense weight on ``p``'s device (Triton kernel where it runs, else the torch reference).
+
+    In bf16 / fp16, where the GEMM applies (:func:`gemm_unsupported`), it is the GEMM's weight
+    ``round(round(lut) * scale)`` (one code-word read per 8 weights); otherwise ``round(lut * scale)``."""
     n, k = p.out_features, p.in_features
     if not use_triton(p.words):
         return dequantize_mma(p, dtype).to(p.device)
     out = scratch_weight(p.device, n, k, dtype)
-    bn = DEQUANT_CONFIG["BN"]
     interpret = p.device.type != "cuda" or _interpret_mode()
+    if gemm_unsupported(dtype, p) is None:
+        bt, gq = DEQUANT16_CONFIG["BT"], DEQUANT16_CONFIG["GQ"]
+        f16 = dtype == torch.float16
+        _kernel(_mma_dequant16_kernel, interpret)[(_cdiv(p.n_tiles, bt), _cdiv(p.n_groups, gq))](
+            p.words, p.lut, p.byte_tables[1 if f16 else 0], p.scales, out, n, k, p.n_tiles, p.n_groups,
+            p.scales.stride(0), SG=p.n_groups if p.scales.shape[1] == 1 else p.scale_block // GROUP_K, BT=bt, GQ=gq,
+            F16=f16, ASM=not interpret, num_warps=DEQUANT16_CONFIG["num_warps"],
+        )  # fmt: skip
+        return out
+    bn = DEQUANT_CONFIG["BN"]
     sbk = p.scale_block if p.scales.shape[1] > 1 else max(k, 1)
     _kernel(_mma_dequant_kernel, interpret)[(_cdiv(n, bn), p.n_groups)](
         p.words, p.lut, p.scales, out, n, k, p.n_groups, p.scales.stride(0),
