@@ -465,15 +465,6 @@ def _xstage(x_a, x_b, q, q_hi, kc, ok_a, ok_b, K, MT: tl.constexpr, ASM: tl.cons
     return p0, p1, p2, p3, r0, r1, r2, r3
 
 
-def _grid_dependency(WAIT: tl.constexpr):
-    """Programmatic dependent launch (sm_90+): ``WAIT`` -- block until the previous kernel in the stream has
-    finished and its writes are visible; else -- let the next kernel start its own prologue."""
-    if WAIT:
-        tl.extra.cuda.gdc_wait()
-    else:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
 def _mma_gemv_kernel(
     x_ptr, w_ptr, tab_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
@@ -515,8 +506,8 @@ def _mma_gemv_kernel(
     # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r); the first
     # loads go out before the table fill so that their latency overlaps it.  With PDL the first code words and
     # the table (this layer's own data) are read while the previous kernel finishes; x only after the wait.
-    if PDL:
-        _grid_dependency(False)
+    if PDL:  # (programmatic dependent launch, sm_90+: the next kernel in the stream may start its prologue)
+        tl.extra.cuda.gdc_launch_dependents()
     q0 = u0 * SG
     w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (q0 < q_hi), ASM)
     if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
@@ -524,7 +515,7 @@ def _mma_gemv_kernel(
     if PDL:  # (waiting before the table fill instead measured slower still)
         if ASM:
             _fill_table(tab_ptr, t, NT, COPIES)
-        _grid_dependency(True)
+        tl.extra.cuda.gdc_wait()  # the previous kernel has finished, its writes (x) are visible
     p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
     if AHEAD == 2:
         pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
@@ -669,6 +660,20 @@ def _decode_tile(wd, s0, s1, lut_ptr, tb_ptr, F16: tl.constexpr, ASM: tl.constex
     return o0, o1, o2, o3, o4, o5, o6, o7
 
 
+def _group_tiles(wd, s_rows, q, ok0, ok1, lds, lut_ptr, tb_ptr, SG: tl.constexpr, R: tl.constexpr,
+                 dt: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """Group ``q``'s two ``[R, 64]`` weight tiles in ``dt``, rows ``16 t + g`` (h = 0) and ``16 t + 8 + g`` (h = 1),
+    from its code words ``wd``: row scales loaded (zero where ``ok0`` / ``ok1`` are off), decoded, assembled in k
+    order."""
+    s0 = tl.load(s_rows + q // SG, mask=ok0, other=0.0).to(dt)  # (lossless: checked on the host)
+    s1 = tl.load(s_rows + 8 * lds + q // SG, mask=ok1, other=0.0).to(dt)
+    o0, o1, o2, o3, o4, o5, o6, o7 = _decode_tile(wd, s0, s1, lut_ptr, tb_ptr, F16, ASM)
+    # (tl.join appends the new axis last: the outer join's operands differ in i, the inner ones' in e)
+    w0 = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [R, 64])
+    w1 = tl.reshape(tl.join(tl.join(o4, o6), tl.join(o5, o7)), [R, 64])
+    return w0, w1
+
+
 def _decode_one(wd, SH: tl.constexpr, s, lut_ptr, dt: tl.constexpr):
     """One code of every word (bits ``SH .. SH + 3``), looked up, rounded to ``dt`` and scaled (interpreter)."""
     v = _round_to(tl.load(lut_ptr + ((wd >> SH) & 15)), dt)
@@ -716,12 +721,8 @@ def _mma_gemm_kernel(
     for q in tl.range(q_lo, q_end, num_stages=STAGES):
         wd = tl.load(w_rows + q * 128, mask=t_ok, other=0)
         xt = tl.load(x_rows + q * 64, mask=m_ok[:, None] & ((q * 64 + kk) < K)[None, :], other=0.0)
-        s0 = tl.load(s_rows + q // SG, mask=row0 < N, other=0.0).to(x_ptr.dtype.element_ty)  # (lossless: host)
-        s1 = tl.load(s_rows + 8 * lds + q // SG, mask=row0 + 8 < N, other=0.0).to(x_ptr.dtype.element_ty)
-        o0, o1, o2, o3, o4, o5, o6, o7 = _decode_tile(wd, s0, s1, lut_ptr, tb_ptr, F16, ASM)
-        # (tl.join appends the new axis last: the outer join's operands differ in i, the inner ones' in e)
-        w0 = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [R, 64])
-        w1 = tl.reshape(tl.join(tl.join(o4, o6), tl.join(o5, o7)), [R, 64])
+        w0, w1 = _group_tiles(wd, s_rows, q, row0 < N, row0 + 8 < N, lds, lut_ptr, tb_ptr, SG, R,
+                              x_ptr.dtype.element_ty, F16, ASM)  # fmt: skip
         if not ASM:  # (Triton 3.9's interpreter multiplies the bit patterns of bf16 dot operands)
             xt, w0, w1 = xt.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
         acc0 = tl.dot(xt, tl.trans(w0), acc0)
@@ -759,15 +760,12 @@ def _mma_dequant16_kernel(
         q = tl.program_id(1) * GQ + i
         live = (q + tl.zeros([R], dtype=tl.int32)) < n_groups  # (a tensor: the interpreter refuses scalar masks)
         wd = tl.load(w_rows + q * 128, mask=((t < n_tiles) & live)[:, None], other=0)
-        s0 = tl.load(s_rows + q // SG, mask=(row0 < N) & live, other=0.0).to(dt)
-        s1 = tl.load(s_rows + 8 * lds + q // SG, mask=(row0 + 8 < N) & live, other=0.0).to(dt)
-        o0, o1, o2, o3, o4, o5, o6, o7 = _decode_tile(wd, s0, s1, lut_ptr, tb_ptr, F16, ASM)
+        w0, w1 = _group_tiles(wd, s_rows, q, (row0 < N) & live, (row0 + 8 < N) & live, lds, lut_ptr, tb_ptr, SG, R,
+                              dt, F16, ASM)  # fmt: skip
         col = q * 64 + kk
         ok = (col < K)[None, :]
-        tl.store(out_rows + col[None, :], tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [R, 64]),
-                 mask=(row0 < N)[:, None] & ok)  # fmt: skip
-        tl.store(out_rows + 8 * K + col[None, :], tl.reshape(tl.join(tl.join(o4, o6), tl.join(o5, o7)), [R, 64]),
-                 mask=(row0 + 8 < N)[:, None] & ok)  # fmt: skip
+        tl.store(out_rows + col[None, :], w0, mask=(row0 < N)[:, None] & ok)
+        tl.store(out_rows + 8 * K + col[None, :], w1, mask=(row0 + 8 < N)[:, None] & ok)
 
 
 def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: tl.constexpr, BN: tl.constexpr):
@@ -804,10 +802,10 @@ _HELPERS = (
     "_reduce_out",
     "_stage",
     "_xstage",
-    "_grid_dependency",
     "_kw_sum",
     "_scale_pair",
     "_decode_tile",
+    "_group_tiles",
     "_decode_one",
     "_round_to",
 )
@@ -858,6 +856,15 @@ def _check_config(cfg: dict, kw: int) -> None:
         raise ValueError(f"config PDL must be True or False, got {cfg['PDL']!r}")
 
 
+def _sm_count(x2: torch.Tensor, interpret: bool) -> int:
+    """SMs of x's GPU (4 under the interpreter, where the launch rules only need a number)."""
+    return 4 if interpret else _num_sms(_device_index(x2))
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _has_pdl(index: int) -> bool:
     """Whether GPU ``index`` supports programmatic dependent launch (compute capability 9.0 and later)."""
@@ -872,10 +879,8 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
     cfg = dict(MMA_DEFAULT if mt == 1 else MMA_DEFAULT_WIDE, **(config or {}))
     m_tiles = _cdiv(m, 8 * mt)
     nw, kw = cfg["NW"], cfg["KW"]
-    dev = x2.device.index if x2.device.index is not None or interpret else torch.cuda.current_device()
     if kw is None:
-        sms = 4 if interpret else _num_sms(dev)
-        kw = nw // tiles_per_program(p.n_tiles, nw, MIN_PROGRAMS_PER_SM * sms)
+        kw = nw // tiles_per_program(p.n_tiles, nw, MIN_PROGRAMS_PER_SM * _sm_count(x2, interpret))
     _check_config(cfg, kw)
     row_progs = _cdiv(p.n_tiles, nw // kw)
     row_scale = p.scales.shape[1] == 1
@@ -892,7 +897,7 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
                 ws_ptr=ws, cnt_ptr=cnt, M=m, N=y.shape[1], K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                 lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units,
                 n_split=split)  # fmt: skip
-    pdl = cfg["PDL"] and not interpret and _has_pdl(dev)
+    pdl = cfg["PDL"] and not interpret and _has_pdl(_device_index(x2))
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
                 ASM=not interpret, SPLIT=split > 1, PDL=pdl, num_warps=nw, num_stages=1)  # fmt: skip
     if pdl:
@@ -968,9 +973,7 @@ def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dic
     grid = (_cdiv(m, cfg["BM"]), _cdiv(p.n_tiles, cfg["BT"]))
     split = cfg.get("SPLIT")
     if split is None:
-        sms = 4 if interpret else _num_sms(x2.device.index if x2.device.index is not None else
-                                           torch.cuda.current_device())  # fmt: skip
-        split = gemm_split(grid[0] * grid[1], p.n_groups, sms)
+        split = gemm_split(grid[0] * grid[1], p.n_groups, _sm_count(x2, interpret))
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"gemm config SPLIT must be a positive int or None, got {split!r}")
     per = _cdiv(p.n_groups, min(split, p.n_groups))
