@@ -27,6 +27,7 @@ Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/decode_e2e.py --out
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import math
@@ -109,8 +110,8 @@ class MmaLinear:
 
     def with_pdl(self) -> MmaLinear:
         """The same weight launched with programmatic dependent launch."""
-        other = object.__new__(MmaLinear)
-        other.p, other.config = self.p, {"PDL": True}
+        other = copy.copy(self)
+        other.config = {"PDL": True}
         return other
 
     def __call__(self, x):
