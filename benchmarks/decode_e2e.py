@@ -10,6 +10,8 @@ runs in one of these forms, each in its own copy of the model on the GPU:
 * ``lut4``: ``hf_optquant.kernels.lut_linear``, 4-bit codes with bf16 block-128 scales
   (random codes: the kernel's speed does not depend on them);
 * ``lut4mma``: the same format in the tensor-core fragment layout (``hf_optquant.kernels.lut_mma``);
+  ``lut4mma_NAME``: the same weights launched with the kernel config ``MMA_CONFIGS[NAME]``;
+* ``glue``: no linear layers at all (a fixed zero output): the time of everything else in the step;
 * ``grid``: ``hf_optquant.kernels.grid_linear``, the bf16 weights quantised to the uniform grid
   (channel rms bf16 scales) at ~3.5 stored bits/parameter and entropy coded on the GPU; the
   fused decode-GEMV reads only compressed bytes.
@@ -17,8 +19,11 @@ runs in one of these forms, each in its own copy of the model on the GPU:
 One decode step (batch 1) is a plain-torch forward: RMSNorm, RoPE, attention over a static KV
 cache of ``--context`` positions (masked beyond the current one), SwiGLU MLP, greedy argmax
 (``--compile``: the glue between the linear layers -- norms, residuals, RoPE, attention, SwiGLU -- goes
-through ``torch.compile``, which fuses it into a few kernels per layer; the linear layers stay as they are);
-the position lives on the GPU, so the whole step is captured in one CUDA graph and replayed.
+through ``torch.compile``, which fuses it into a few kernels per layer; the linear layers stay as they are;
+``--pdl-glue``: those kernels are generated with programmatic dependent launch, so that a kernel's launch and
+prologue overlap the end of the one before it); the position lives on the GPU, so the whole step is captured in
+one CUDA graph and replayed.  Each result records the last step's logits sum and token: variants that share
+weights (``lut4mma``, ``lut4mma_NAME``) must agree exactly.
 Tokens/s = steps / time over ``--steps`` replays (median of 3 repeats).
 
 Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/decode_e2e.py --out $OUT``.
@@ -80,6 +85,20 @@ class Bf16Linear:
         return self.w.numel() * 2
 
 
+class NoLinear:
+    """No linear layer at all: a fixed zero output (the ``glue`` variant times everything else in the step)."""
+
+    def __init__(self, n: int, device):
+        self.y = torch.zeros((1, n), dtype=torch.bfloat16, device=device)
+
+    def __call__(self, x):
+        return self.y
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
 class LutLinear:
     def __init__(self, n: int, k: int, device, gen):
         from entropy_kernels import lut4_packed
@@ -108,10 +127,10 @@ class MmaLinear:
         self.p = pack_mma_weight(codes, lut, scales.float(), 128)
         self.config = None
 
-    def with_pdl(self) -> MmaLinear:
-        """The same weight launched with programmatic dependent launch."""
+    def with_config(self, config: dict) -> MmaLinear:
+        """The same weight launched with another kernel config (``mma_linear(config=...)``)."""
         other = copy.copy(self)
-        other.config = {"PDL": True}
+        other.config = config
         return other
 
     def __call__(self, x):
@@ -178,6 +197,12 @@ def glue_swiglu(gu):
     return F.silu(g) * u
 
 
+#: ``--variants lut4mma_NAME``: the lut4mma model's weights launched with ``mma_linear(config=MMA_CONFIGS[NAME])``
+#: (every name spells out the three launch switches; ``s7``: the defaults of session 7, none of them).
+_OFF = {"PDL": False, "L2PF": 0, "SPF": False}
+MMA_CONFIGS = {"s7": _OFF, "pdl": dict(_OFF, PDL=True), "nopdl": dict(_OFF, PDL=False, L2PF=None, SPF=None),
+               "spf": dict(_OFF, SPF=True), "l2pf4": dict(_OFF, L2PF=4), "l2pf2spf": dict(_OFF, L2PF=2, SPF=True),
+               "l2pf4spf": dict(_OFF, L2PF=4, SPF=True), "pdl_l2pf2spf": {"PDL": True, "L2PF": 2, "SPF": True}}
 SDPA = False  # --sdpa: attention through F.scaled_dot_product_attention instead of matmul + softmax + matmul
 GLUE = {"norm": glue_norm, "attention": glue_attention, "swiglu": glue_swiglu}
 
@@ -266,7 +291,8 @@ def time_decode(model: Model, steps: int, repeats: int = 3) -> dict:
         b.synchronize()
         rates.append(steps / (a.elapsed_time(b) / 1000))
     del graph
-    return dict(tokens_per_s=statistics.median(rates), eager_tokens_per_s=eager, repeats=rates)
+    return dict(tokens_per_s=statistics.median(rates), eager_tokens_per_s=eager, repeats=rates,
+                logits_sum=float(model.logits.float().sum()), last_token=int(model.tok))  # fmt: skip
 
 
 # ---- building the three models -------------------------------------------------------------------
@@ -342,9 +368,15 @@ def main() -> None:
     ap.add_argument("--grid-layout", choices=("prefix", "rans"), default="prefix")
     ap.add_argument("--compile", action="store_true", help="torch.compile the glue between the linear layers")
     ap.add_argument("--sdpa", action="store_true", help="attention via F.scaled_dot_product_attention")
+    ap.add_argument("--pdl-glue", action="store_true",
+                    help="--compile'd glue kernels with programmatic dependent launch (inductor's triton.enable_pdl)")
     args = ap.parse_args()
     global SDPA
     SDPA = args.sdpa
+    if args.pdl_glue:  # (each glue kernel then waits for its predecessor in-kernel, and lets its successor start)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.enable_pdl = True
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(7)
@@ -394,11 +426,18 @@ def main() -> None:
         mlin = {p: [MmaLinear(*shp[p], device, gen) for _ in range(cfg["layers"])] for p in PROJ}
         mlin["lm_head"] = MmaLinear(*shp["lm_head"], device, gen)
         models["lut4mma"] = Model(cfg, mlin, embed, norms, device, args.context, args.compile)
-        if "lut4mma_pdl" in args.variants:  # the same weights, launched with PDL
-            pdl = {p: ([m.with_pdl() for m in v] if isinstance(v, list) else v.with_pdl()) for p, v in mlin.items()}
-            models["lut4mma_pdl"] = Model(cfg, pdl, embed, norms, device, args.context, args.compile)
+        for name, config in MMA_CONFIGS.items():  # the same weights, launched with other kernel configs
+            if "lut4mma_" + name in args.variants:
+                other = {p: ([m.with_config(config) for m in v] if isinstance(v, list) else v.with_config(config))
+                         for p, v in mlin.items()}  # fmt: skip
+                models["lut4mma_" + name] = Model(cfg, other, embed, norms, device, args.context, args.compile)
+    if "glue" in args.variants:
+        shp = shapes(cfg)
+        nlin = {p: [NoLinear(shp[p][0], device)] * cfg["layers"] for p in PROJ}
+        nlin["lm_head"] = NoLinear(shp["lm_head"][0], device)
+        models["glue"] = Model(cfg, nlin, embed, norms, device, args.context, args.compile)
     res["results"] = {}
-    for name in ("bf16", "lut4", "lut4mma", "lut4mma_pdl", "grid"):
+    for name in ["glue", "bf16", "lut4", "lut4mma"] + ["lut4mma_" + c for c in MMA_CONFIGS] + ["grid"]:
         if name not in models:
             continue
         try:

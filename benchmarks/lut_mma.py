@@ -8,7 +8,7 @@ in the same run (device-to-device copy).  First, correctness on the GPU against 
 (odd shapes, batches 1-64, bf16 and fp16, block 64 / 128 / per row) and a launch-config sweep at batch 1.
 
 Parts (``--parts``): ``check`` (GPU correctness), ``sweep`` (batch-1 launch configs), ``wsweep`` (8- vs 16-warp
-programs at batch 1), ``msweep`` (the same at batch 4 and 16), ``asweep`` (prefetch depth x register cap),
+programs at batch 1), ``msweep`` (the same at batch 4 and 16), ``asweep`` (L2 prefetch of code words x of scales),
 ``table`` (the RESULTS table), ``eager`` (host time per eager call), ``pdl`` (programmatic dependent launch on /
 off), ``gemm`` (the fused large-batch GEMM's configs vs dequantise + cuBLAS at ``--gemm-batches``);
 ``--shapes NxK ...`` replaces the four 8B-Llama shapes.
@@ -52,9 +52,10 @@ def check(device) -> list[dict]:
         p = LM.pack_mma_weight(codes, lut, scales, blk)
         x = torch.randn(m, k, device=device, dtype=dt)
         ref = KB.lut_linear_reference(x.double(), codes, lut.double(), scales.double(), blk)
-        for split in (None, 1, 3):
-            y = LM.mma_linear(x, p, path="mma", split_k=split)
-            rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split=split, rel_err=KB.rel_err(y, ref)))
+        for split, l2pf in itertools.product((None, 1, 3), (0, 4)):
+            y = LM.mma_linear(x, p, path="mma", split_k=split, config=dict(L2PF=l2pf))
+            rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split=split, l2pf=l2pf,
+                             rel_err=KB.rel_err(y, ref)))  # fmt: skip
         if not LM.gemm_unsupported(dt, p):
             yg = LM.mma_linear(x, p, path="gemm", config=dict(BM=64) if m > 16 else dict(BM=16))
             rows.append(dict(n=n, k=k, block=blk, m=m, dtype=str(dt), split="gemm", rel_err=KB.rel_err(yg, ref)))
@@ -97,23 +98,17 @@ def sweep(device, hbm, shapes, block, m=1, grid=None) -> list[dict]:
     return out
 
 
-def ahead_sweep(device, hbm, shapes, block) -> list[dict]:
-    """Batch 1 and 4, default warps per tile: stages loaded ahead x register cap."""
+def ahead_sweep(device, hbm, shapes, block, batches=(1, 4, 16)) -> list[dict]:
+    """Default launch config: groups prefetched into L2 ahead (``L2PF``) x the tile's scale rows prefetched."""
     out = []
-    for n, k in shapes:
-        case = KB.Case(n, k, 4, block, device, peers=False)
-        packs = mma_copies(case, case.n_rot)
-        for m in (1, 4):
-            x = case.x(m)
-            for ahead, cap in itertools.product((2, 3), (0, 80, 96)):
-                cfg = dict(AHEAD=ahead, MAXNREG=cap)
-                t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg),
-                                   case.n_rot)  # fmt: skip
-                out.append(dict(n=n, k=k, m=m, config=cfg, time_us=t,
-                                pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm))  # fmt: skip
-                log(f"ahead M={m} {n}x{k} {cfg}: {t:.1f} us")
-        case = packs = None
-        torch.cuda.empty_cache()
+    for case, packs, m, x in cases(device, shapes, batches, block, peers=False):
+        for l2pf, spf in itertools.product((0, 2, 4), (False, True)):
+            cfg = dict(L2PF=l2pf, SPF=spf)
+            t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg),
+                               case.n_rot)  # fmt: skip
+            out.append(dict(n=case.n, k=case.k, m=m, config=cfg, time_us=t,
+                            pct_hbm=100 * packs[0].nbytes / (t * 1e-6) / 1e9 / hbm))  # fmt: skip
+            log(f"ahead M={m} {case.n}x{case.k} {cfg}: {t:.1f} us")
     return out
 
 
@@ -290,8 +285,8 @@ def main() -> None:
     if "sweep" in args.parts:
         res["sweep"] = sweep(device, hbm, shapes, args.block)
         save()
-    if "asweep" in args.parts:  # deeper prefetch (needs a register cap above ptxas' choice of 64)
-        res["asweep"] = ahead_sweep(device, hbm, shapes, args.block)
+    if "asweep" in args.parts:
+        res["asweep"] = ahead_sweep(device, hbm, shapes, args.block, [b for b in args.batches if b <= LM.MMA_MAX_M])
         save()
     if "eager" in args.parts:
         res["eager"] = eager_overhead(device)

@@ -9,6 +9,8 @@ multiple of 64).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -197,6 +199,34 @@ def test_tiles_per_program_keeps_enough_programs():
     assert LM.tiles_per_program(3, 4, 396) == 1
 
 
+def test_l2_prefetch_follows_the_programs_per_sm_rule(monkeypatch):
+    codes, lut, scales = _weight(64, 256, 64, seed=5)
+    p = LM.pack_mma_weight(codes, lut, scales, 64)
+    x = torch.randn(1, 256)
+    monkeypatch.setattr(LM, "_sm90_or_later", lambda index: True)
+    monkeypatch.setattr(LM, "_device_index", lambda t: 0)
+    monkeypatch.setattr(LM, "_sm_count", lambda x2, interpret: 132)
+    limit = LM.PREFETCH_MAX_PROGRAMS_PER_SM * 132
+    auto = dict(LM.MMA_DEFAULT)
+    assert LM._prefetch_plan(auto, p, limit, x, False) == (LM.PREFETCH_GROUPS, True)  # few warps per SM
+    assert LM._prefetch_plan(auto, p, limit + 1, x, False) == (0, False)
+    assert LM._prefetch_plan(dict(auto, L2PF=4, SPF=False), p, limit, x, False) == (4, False)  # explicit wins
+    assert LM._prefetch_plan(dict(auto, L2PF=3, SPF=True), p, limit + 1, x, False) == (3, True)
+    assert LM._prefetch_plan(auto, p, 1, x, True) == (0, False)  # interpreter: no PTX
+    odd = dataclasses.replace(p, scales=torch.empty(p.scales.numel() + 1, dtype=p.scales.dtype)[1:].view_as(p.scales))
+    assert odd.scales.data_ptr() % 16 and LM._prefetch_plan(auto, odd, 1, x, False) == (0, False)  # misaligned
+    monkeypatch.setattr(LM, "_sm90_or_later", lambda index: False)
+    assert LM._prefetch_plan(dict(auto, L2PF=4, SPF=True), p, 1, x, False) == (0, False)  # before sm_90
+
+
+def test_pdl_follows_torch_compile_when_not_set():
+    import torch._inductor.config as inductor_config
+
+    for flag in (True, False):
+        with inductor_config.patch({"triton.enable_pdl": flag}):
+            assert LM._inductor_pdl() is flag
+
+
 def test_invalid_inputs_are_rejected(monkeypatch):
     codes, lut, scales = _weight(16, 64, 64, seed=3)
     assert LM.mma_unsupported(3, 64, 64) and LM.mma_unsupported(4, 64, 72) and LM.mma_unsupported(4, 32, 128)
@@ -219,7 +249,8 @@ def test_invalid_inputs_are_rejected(monkeypatch):
     if LM.HAS_TRITON:
         _kernels_here(monkeypatch)
         for bad, field in (({"NW": 4, "KW": 3}, "KW"), ({"AHEAD": 3}, "AHEAD"), ({"COPIES": 16}, "COPIES"),
-                           ({"NW": 6}, "NW"), ({"PDL": 1}, "PDL")):  # fmt: skip
+                           ({"NW": 6}, "NW"), ({"PDL": 1}, "PDL"), ({"SPF": "yes"}, "SPF"), ({"L2PF": 65}, "L2PF"),
+                           ({"L2PF": -1}, "L2PF"), ({"L2PF": True}, "L2PF"), ({"L2PF": 2.0}, "L2PF")):  # fmt: skip
             with pytest.raises(ValueError, match=field):
                 LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="mma", config=bad)
 

@@ -81,11 +81,17 @@ GEMM_MAX_M = 256
 #: aims for (H100 sweeps, benchmarks/RESULTS.md section 5).
 #: ``KW=None``: the fewest warps per tile that still give ``MIN_PROGRAMS_PER_SM`` programs per SM.
 #: ``PDL``: programmatic dependent launch (sm_90+): a call reads its first code words and fills its table while
-#: the previous kernel in the stream finishes, and x only after it has.  Off: measured on the H100 it saved 0.5-2
-#: us between back-to-back GEMVs on two shapes, lost 1 us on the third and 0.5 us after an elementwise kernel
-#: (the case inside a model; RESULTS.md section 5, session 7).
-MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": False}  # up to 8 rows of x
-MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": False}  # 9-16 rows
+#: the previous kernel in the stream finishes, and x only after it has.  ``None`` follows
+#: ``torch._inductor.config.triton.enable_pdl`` (read when a weight's launch is first planned): measured on the H100
+#: (RESULTS.md section 6, session 8) it gains only where the kernels around it use PDL too -- whole 8B model 2.43x
+#: bf16 with it vs 2.32x without when the compiled glue does, 2.30x vs 2.40x when the glue does not.
+#: ``L2PF``: code-word groups requested into L2 ahead of the loads (``cp.async.bulk.prefetch``, sm_90+); ``SPF``:
+#: the tile's block-scale rows requested at the start.  ``None``: ``PREFETCH_GROUPS`` and on where the launch has
+#: at most ``PREFETCH_MAX_PROGRAMS_PER_SM`` programs per SM (few warps per SM, few loads in flight: 4096x14336 15.8
+#: -> 14.5 us, 4096x4096 6.9 -> 6.7 us), off where there are more (there it cost 0-3%; section 5, session 8).
+MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": None, "SPF": None}
+MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": 0, "SPF": False}
+PREFETCH_GROUPS, PREFETCH_MAX_PROGRAMS_PER_SM = 2, 2
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 DEQUANT16_CONFIG = {"BT": 8, "GQ": 4, "num_warps": 4}
@@ -276,6 +282,8 @@ _WORDS_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mo
 _XFRAG_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b64 $0, 0; mov.b64 $1, 0; mov.b64 $2, 0;"
                         " mov.b64 $3, 0; @p ld.global.nc.v2.b64 {$0, $1}, [$4];"
                         " @p ld.global.nc.v2.b64 {$2, $3}, [$4+16]; }")  # fmt: skip
+_L2PF_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2;"
+                       " mov.b32 $0, 0; }")  # fmt: skip
 
 
 def _words(w_lane, q, ok, ASM: tl.constexpr):
@@ -290,6 +298,16 @@ def _words(w_lane, q, ok, ASM: tl.constexpr):
         w2 = tl.load(p + 2, mask=ok, other=0)
         w3 = tl.load(p + 3, mask=ok, other=0)
     return w0, w1, w2, w3
+
+
+def _l2_prefetch(ptr, nbytes, ok):
+    """Ask for ``nbytes`` (a multiple of 16) at ``ptr`` (16-byte aligned) to be brought into L2, where ``ok``.
+
+    One bulk request per warp puts a whole slice of code words in flight at once, without registers: the
+    loads that follow then hit L2 instead of waiting for HBM one or two groups at a time (sm_90+; GPU only).
+    """
+    tl.inline_asm_elementwise(_L2PF_ASM, "=r,l,r,r", [ptr, nbytes, (ok & (nbytes > 0)).to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 def _xfrag(x_lane, k, ok, ASM: tl.constexpr):
@@ -470,7 +488,7 @@ def _mma_gemv_kernel(
     M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
     SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr,
     AHEAD: tl.constexpr, COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, L2PF: tl.constexpr, SPF: tl.constexpr,
 ):  # fmt: skip
     # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
     # RT = NW / KW row tiles of 16 and K units (of SG groups) [u_lo, u_hi); the KW warps of a tile take
@@ -494,7 +512,8 @@ def _mma_gemv_kernel(
     per = tl.cdiv(u_hi - u_lo, KW)  # units per warp
     u0 = u_lo + kw * per  # this warp's first unit (a tensor: warps differ)
     q_hi = tl.minimum(tl.minimum(u0 + per, u_hi) * SG, n_groups)
-    w_lane = w_ptr + tile.to(tl.int64) * (n_groups * 128) + lane * 4
+    w_warp = w_ptr + tile.to(tl.int64) * (n_groups * 128)  # this warp's tile (its slice: groups [q0, q_hi))
+    w_lane = w_warp + lane * 4
     m_a = pid_m * (8 * MT) + g  # batch row of this lane's B fragment (tile 0; tile 1: + 8)
     x_a = x_ptr + m_a.to(tl.int64) * stride_xm + 16 * c
     x_b = x_a + 8 * stride_xm
@@ -509,6 +528,13 @@ def _mma_gemv_kernel(
     if PDL:  # (programmatic dependent launch, sm_90+: the next kernel in the stream may start its prologue)
         tl.extra.cuda.gdc_launch_dependents()
     q0 = u0 * SG
+    lead = (lane == 0) & tile_ok
+    if L2PF > 0:  # the first L2PF groups of the slice
+        _l2_prefetch(w_warp + q0 * 128, (tl.minimum(q_hi, q0 + L2PF) - q0) * 512, lead)
+    if SPF and not ROW_SCALE:  # the tile's block-scale rows (one warp per tile; read once per unit below)
+        s_bytes: tl.constexpr = s_ptr.dtype.element_ty.primitive_bitwidth // 8
+        rows = tl.minimum(N - tile * 16, 16)
+        _l2_prefetch(s_ptr + tile.to(tl.int64) * 16 * lds, (rows * lds * s_bytes) & -16, lead & (kw == 0))
     w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (q0 < q_hi), ASM)
     if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
         v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (q0 + 1 < q_hi), ASM)
@@ -526,6 +552,9 @@ def _mma_gemv_kernel(
     bcc0, bcc1, bcc2, bcc3 = zero, zero, zero, zero
     for i in range(0, per):
         u = u0 + i
+        if L2PF > 0:  # keep L2PF groups requested ahead of the loads
+            qp = u * SG + L2PF
+            _l2_prefetch(w_warp + qp * 128, tl.minimum(q_hi - qp, SG) * 512, lead)
         # two accumulator sets: B tiles 0 / 1 (MT = 2), or even / odd k16 steps (MT = 1)
         e0, e1, e2, e3 = zero, zero, zero, zero
         f0, f1, f2, f3 = zero, zero, zero, zero
@@ -789,6 +818,7 @@ def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: 
 
 _HELPERS = (
     "_words",
+    "_l2_prefetch",
     "_xfrag",
     "_xquad",
     "_pick",
@@ -852,8 +882,12 @@ def _check_config(cfg: dict, kw: int) -> None:
         raise ValueError(f"config AHEAD must be 1 or 2, got {cfg['AHEAD']!r}")
     if cfg["COPIES"] not in (8, 32):
         raise ValueError(f"config COPIES must be 8 or 32, got {cfg['COPIES']!r}")
-    if not isinstance(cfg["PDL"], bool):
-        raise ValueError(f"config PDL must be True or False, got {cfg['PDL']!r}")
+    for name in ("PDL", "SPF"):
+        if cfg[name] is not None and not isinstance(cfg[name], bool):
+            raise ValueError(f"config {name} must be True, False or None (automatic), got {cfg[name]!r}")
+    l2pf = cfg["L2PF"]
+    if l2pf is not None and (not isinstance(l2pf, int) or isinstance(l2pf, bool) or not 0 <= l2pf <= 64):
+        raise ValueError(f"config L2PF (groups prefetched into L2) must be None or an int in [0, 64], got {l2pf!r}")
 
 
 def _sm_count(x2: torch.Tensor, interpret: bool) -> int:
@@ -866,9 +900,30 @@ def _device_index(t: torch.Tensor) -> int:
 
 
 @functools.cache
-def _has_pdl(index: int) -> bool:
-    """Whether GPU ``index`` supports programmatic dependent launch (compute capability 9.0 and later)."""
+def _sm90_or_later(index: int) -> bool:
+    """Whether GPU ``index`` is sm_90 or later (programmatic dependent launch, bulk L2 prefetch)."""
     return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def _prefetch_plan(cfg: dict, p: MmaLutWeight, programs: int, x2: torch.Tensor, interpret: bool) -> tuple[int, bool]:
+    """``(L2PF, SPF)`` of a launch: the config's values, ``None`` resolved by the programs-per-SM rule; nothing under
+    the interpreter, before sm_90, or where the words or scales are not 16-byte aligned (bulk prefetches need it)."""
+    hw = not interpret and _sm90_or_later(_device_index(x2))
+    if not (hw and p.words.data_ptr() % 16 == 0 and p.scales.data_ptr() % 16 == 0):
+        return 0, False
+    few = programs <= PREFETCH_MAX_PROGRAMS_PER_SM * _sm_count(x2, interpret)
+    l2pf = cfg["L2PF"] if cfg["L2PF"] is not None else (PREFETCH_GROUPS if few else 0)
+    spf = cfg["SPF"] if cfg["SPF"] is not None else few
+    return l2pf, spf
+
+
+def _inductor_pdl() -> bool:
+    """Whether torch.compile generates its kernels with programmatic dependent launch."""
+    try:
+        import torch._inductor.config as inductor_config
+    except ImportError:  # pragma: no cover  (a torch build without inductor)
+        return False
+    return bool(getattr(inductor_config.triton, "enable_pdl", False))
 
 
 def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bool, split_k: int | None,
@@ -897,9 +952,12 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
                 ws_ptr=ws, cnt_ptr=cnt, M=m, N=y.shape[1], K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                 lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units,
                 n_split=split)  # fmt: skip
-    pdl = cfg["PDL"] and not interpret and _has_pdl(_device_index(x2))
+    pdl = cfg["PDL"] if cfg["PDL"] is not None else _inductor_pdl()
+    pdl = pdl and not interpret and _sm90_or_later(_device_index(x2))
+    l2pf, spf = _prefetch_plan(cfg, p, row_progs * m_tiles * split, x2, interpret)
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
-                ASM=not interpret, SPLIT=split > 1, PDL=pdl, num_warps=nw, num_stages=1)  # fmt: skip
+                ASM=not interpret, SPLIT=split > 1, PDL=pdl, L2PF=l2pf, SPF=spf, num_warps=nw,
+                num_stages=1)  # fmt: skip
     if pdl:
         meta["launch_pdl"] = True
     if cfg.get("MAXNREG"):  # (ptxas keeps 8-warp programs at 64 registers; caps above measured mixed)
