@@ -32,7 +32,9 @@ Kernels
 * ``_mma_gemv_kernel`` -- batch tiles of 8 or 16 rows of x (``MT`` = 1 or 2 B tiles per A
   fragment; more rows run more programs along the grid's batch axis, which re-read the codes from
   L2).  K is split between the ``KW`` warps of a row tile (summed through shared memory) and between
-  programs (deterministic partial sums in global memory, as in :mod:`.lut_linear`).  Under
+  programs (deterministic partial sums in global memory, as in :mod:`.lut_linear`).  On sm_90, launches with
+  few programs per SM also ask for their next code words and their scale rows to be brought into L2 ahead of
+  the loads (``cp.async.bulk.prefetch``: more bytes in flight without registers).  Under
   ``TRITON_INTERPRET=1`` the inline PTX (table reads, ``mma``, vector loads) is replaced by Triton
   code that emulates it lane by lane (``_mma_emulated``), so CPU tests run the kernel's indexing.
 * ``_mma_gemm_kernel`` -- batches of 33-256 rows: per 64-column group the code words are decoded in registers
