@@ -114,6 +114,7 @@ def timeline(kernel, n: int, k: int, config: dict | None, calls: int = 12) -> di
     args, meta, grid, *_ = LM._gemv_plan(x, packs[0], y, False, None, config)
     meta["maxnreg"] = 64  # (the library kernel's count; the probes' registers would otherwise cost occupancy)
     programs = grid[0] * grid[1] * grid[2]
+    calls = max(calls, case.n_rot + 2)
     trace = torch.zeros((calls, programs, 8), dtype=torch.int64, device=device)
 
     def call(i):

@@ -8,10 +8,10 @@ in the same run (device-to-device copy).  First, correctness on the GPU against 
 (odd shapes, batches 1-64, bf16 and fp16, block 64 / 128 / per row) and a launch-config sweep at batch 1.
 
 Parts (``--parts``): ``check`` (GPU correctness), ``sweep`` (batch-1 launch configs), ``wsweep`` (8- vs 16-warp
-programs at batch 1), ``msweep`` (the same at batch 4 and 16), ``asweep`` (L2 prefetch of code words x of scales),
-``table`` (the RESULTS table), ``eager`` (host time per eager call), ``pdl`` (programmatic dependent launch on /
-off), ``gemm`` (the fused large-batch GEMM's configs vs dequantise + cuBLAS at ``--gemm-batches``);
-``--shapes NxK ...`` replaces the four 8B-Llama shapes.
+programs at batch 1), ``msweep`` (the same at batch 4 and 16), ``asweep`` (the launch configs of ``--configs``, by
+default the L2 prefetch of code words x of scales), ``table`` (the RESULTS table), ``eager`` (host time per eager
+call), ``pdl`` (programmatic dependent launch on / off), ``gemm`` (the fused large-batch GEMM's configs vs
+dequantise + cuBLAS at ``--gemm-batches``); ``--shapes NxK ...`` replaces the four 8B-Llama shapes.
 
 Run (repo root, GPU): ``PYTHONUNBUFFERED=1 python benchmarks/lut_mma.py --out $OUT``.
 """
@@ -98,12 +98,15 @@ def sweep(device, hbm, shapes, block, m=1, grid=None) -> list[dict]:
     return out
 
 
-def ahead_sweep(device, hbm, shapes, block, batches=(1, 4, 16)) -> list[dict]:
-    """Default launch config: groups prefetched into L2 ahead (``L2PF``) x the tile's scale rows prefetched."""
+#: ``asweep``'s default configs: groups prefetched into L2 ahead (``L2PF``) x the tile's scale rows (``SPF``)
+AHEAD_CONFIGS = [dict(L2PF=l2pf, SPF=spf) for l2pf, spf in itertools.product((0, 2, 4), (False, True))]
+
+
+def ahead_sweep(device, hbm, shapes, block, batches=(1, 4, 16), configs=None) -> list[dict]:
+    """Each of ``configs`` (default ``AHEAD_CONFIGS``) merged into the default launch config."""
     out = []
     for case, packs, m, x in cases(device, shapes, batches, block, peers=False):
-        for l2pf, spf in itertools.product((0, 2, 4), (False, True)):
-            cfg = dict(L2PF=l2pf, SPF=spf)
+        for cfg in configs or AHEAD_CONFIGS:
             t = KB.bench_graph(lambda i, cfg=cfg, x=x, packs=packs: LM.mma_linear(x, packs[i], config=cfg),
                                case.n_rot)  # fmt: skip
             out.append(dict(n=case.n, k=case.k, m=m, config=cfg, time_us=t,
@@ -260,6 +263,7 @@ def main() -> None:
     ap.add_argument("--gemm-batches", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--config", default=None, help="JSON dict merged into MMA_DEFAULT before the table")
+    ap.add_argument("--configs", default=None, help="JSON list of config dicts for asweep (default AHEAD_CONFIGS)")
     ap.add_argument("--shapes", nargs="+", default=None, help="NxK layer shapes (default: the 8B-Llama four)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -286,7 +290,8 @@ def main() -> None:
         res["sweep"] = sweep(device, hbm, shapes, args.block)
         save()
     if "asweep" in args.parts:
-        res["asweep"] = ahead_sweep(device, hbm, shapes, args.block, [b for b in args.batches if b <= LM.MMA_MAX_M])
+        res["asweep"] = ahead_sweep(device, hbm, shapes, args.block, [b for b in args.batches if b <= LM.MMA_MAX_M],
+                                    json.loads(args.configs) if args.configs else None)  # fmt: skip
         save()
     if "eager" in args.parts:
         res["eager"] = eager_overhead(device)
