@@ -250,8 +250,7 @@ def test_invalid_inputs_are_rejected(monkeypatch):
         _kernels_here(monkeypatch)
         for bad, field in (({"NW": 4, "KW": 3}, "KW"), ({"AHEAD": 3}, "AHEAD"), ({"COPIES": 16}, "COPIES"),
                            ({"NW": 6}, "NW"), ({"PDL": 1}, "PDL"), ({"SPF": "yes"}, "SPF"), ({"L2PF": 65}, "L2PF"),
-                           ({"L2PF": -1}, "L2PF"), ({"L2PF": True}, "L2PF"), ({"L2PF": 2.0}, "L2PF"),
-                           ({"RING": 3}, "RING")):  # fmt: skip
+                           ({"L2PF": -1}, "L2PF"), ({"L2PF": True}, "L2PF"), ({"L2PF": 2.0}, "L2PF")):  # fmt: skip
             with pytest.raises(ValueError, match=field):
                 LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="mma", config=bad)
 

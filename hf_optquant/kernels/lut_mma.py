@@ -91,10 +91,8 @@ GEMM_MAX_M = 256
 #: the tile's block-scale rows requested at the start.  ``None``: ``PREFETCH_GROUPS`` and on where the launch has
 #: at most ``PREFETCH_MAX_PROGRAMS_PER_SM`` programs per SM (few warps per SM, few loads in flight: 4096x14336 15.8
 #: -> 14.5 us, 4096x4096 6.9 -> 6.7 us), off where there are more (there it cost 0-3%; section 5, session 8).
-MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": None, "SPF": None,
-               "RING": 0}  # fmt: skip
-MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": 0, "SPF": False,
-                    "RING": 0}  # fmt: skip
+MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": None, "SPF": None}
+MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": 0, "SPF": False}
 PREFETCH_GROUPS, PREFETCH_MAX_PROGRAMS_PER_SM = 2, 2
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
@@ -260,7 +258,8 @@ def dequantize_mma(p: MmaLutWeight, dtype: torch.dtype = torch.float32) -> torch
 # --------------------------------------------------------------------------------------
 
 _CONSTEXPR = tl.constexpr if HAS_TRITON else str
-_TABLE_DECL = _CONSTEXPR(".shared .align 16 .b8 hfoq_mma_tbl[32768];\n\tmov.u32 $0, hfoq_mma_tbl;")
+_TABLE_DECL32 = _CONSTEXPR(".shared .align 16 .b8 hfoq_mma_tbl[32768];\n\tmov.u32 $0, hfoq_mma_tbl;")  # 32 copies
+_TABLE_DECL8 = _CONSTEXPR(".shared .align 16 .b8 hfoq_mma_tbl[8192];\n\tmov.u32 $0, hfoq_mma_tbl;")  # 8 copies
 
 
 def _lookup_asm(sh: int) -> str:
@@ -286,7 +285,6 @@ _WORDS_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mo
 _XFRAG_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b64 $0, 0; mov.b64 $1, 0; mov.b64 $2, 0;"
                         " mov.b64 $3, 0; @p ld.global.nc.v2.b64 {$0, $1}, [$4];"
                         " @p ld.global.nc.v2.b64 {$2, $3}, [$4+16]; }")  # fmt: skip
-_RING_COPY_ASM = _CONSTEXPR("cp.async.cg.shared.global [$1], [$2], 16, $3;\n\tcp.async.commit_group;\n\tmov.b32 $0, 0;")
 _L2PF_ASM = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2;"
                        " mov.b32 $0, 0; }")  # fmt: skip
 
@@ -313,28 +311,6 @@ def _l2_prefetch(ptr, nbytes, ok):
     """
     tl.inline_asm_elementwise(_L2PF_ASM, "=r,l,r,r", [ptr, nbytes, (ok & (nbytes > 0)).to(tl.int32)],
                               dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-def _ring_base(DECL: tl.constexpr):
-    """Shared-memory address of the code-word ring that ``DECL`` declares (GPU only)."""
-    base = tl.inline_asm_elementwise(DECL, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
-                                     pack=1)  # fmt: skip
-    return tl.sum(base, 0)
-
-
-def _ring_copy(slot_addr, w_lane, q, ok):
-    """Start copying this lane's 16 bytes of group ``q``'s code words into its ring slot (``cp.async``, zeros
-    where not ``ok``) and close the copy group."""
-    src = w_lane + tl.where(ok, q, 0) * 128  # (an in-bounds address even where nothing is read)
-    tl.inline_asm_elementwise(_RING_COPY_ASM, "=r,r,l,r", [slot_addr, src, ok.to(tl.int32) * 16], dtype=tl.int32,
-                              is_pure=False, pack=1)  # fmt: skip
-
-
-def _ring_take(slot_addr, TAKE: tl.constexpr):
-    """Wait until at most RING - 1 copy groups are pending (``TAKE`` holds that count), then read the slot."""
-    w0, w1, w2, w3 = tl.inline_asm_elementwise(TAKE, "=r,=r,=r,=r,r", [slot_addr], dtype=(tl.int32,) * 4,
-                                               is_pure=False, pack=1)  # fmt: skip
-    return w0, w1, w2, w3
 
 
 def _xfrag(x_lane, k, ok, ASM: tl.constexpr):
@@ -447,8 +423,12 @@ def _mma(a0, a1, a2, a3, b, c0, c1, c2, c3, NW: tl.constexpr, F16: tl.constexpr,
 
 def _fill_table(tab_ptr, t, NT: tl.constexpr, COPIES: tl.constexpr):
     """Copy the 256-entry pair table into shared memory, ``COPIES`` interleaved copies."""
-    decl = tl.inline_asm_elementwise(_TABLE_DECL, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
-                                     pack=1)  # fmt: skip
+    if COPIES == 32:
+        decl = tl.inline_asm_elementwise(_TABLE_DECL32, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32,
+                                         is_pure=False, pack=1)  # fmt: skip
+    else:
+        decl = tl.inline_asm_elementwise(_TABLE_DECL8, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32,
+                                         is_pure=False, pack=1)  # fmt: skip
     sym = tl.sum(decl, 0)
     for it in tl.static_range(256 * COPIES // NT):  # unrolled: the loads go out together
         idx = it * NT + t
@@ -515,8 +495,7 @@ def _mma_gemv_kernel(
     M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
     SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr,
     AHEAD: tl.constexpr, COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr, L2PF: tl.constexpr, SPF: tl.constexpr, RING: tl.constexpr, RING_DECL: tl.constexpr,
-    RING_TAKE: tl.constexpr,
+    PDL: tl.constexpr, L2PF: tl.constexpr, SPF: tl.constexpr,
 ):  # fmt: skip
     # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
     # RT = NW / KW row tiles of 16 and K units (of SG groups) [u_lo, u_hi); the KW warps of a tile take
@@ -563,16 +542,9 @@ def _mma_gemv_kernel(
         s_bytes: tl.constexpr = s_ptr.dtype.element_ty.primitive_bitwidth // 8
         rows = tl.minimum(N - tile * 16, 16)
         _l2_prefetch(s_ptr + tile.to(tl.int64) * 16 * lds, (rows * lds * s_bytes) & -16, lead & (kw == 0))
-    if RING > 0:  # code words through a shared-memory ring of RING slots: RING - 1 groups in flight per lane
-        ring_lane = _ring_base(RING_DECL) + ((t // 32) * (RING * 32) + lane) * 16
-        for r in tl.static_range(RING - 1):
-            _ring_copy(ring_lane + r * 512, w_lane, q0 + r, tile_ok & (q0 + r < q_hi))
-        w0 = tl.zeros([NT], dtype=tl.int32)
-        w1, w2, w3, v0, v1, v2, v3 = w0, w0, w0, w0, w0, w0, w0
-    else:
-        w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (q0 < q_hi), ASM)
-        if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
-            v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (q0 + 1 < q_hi), ASM)
+    w0, w1, w2, w3 = _words(w_lane, q0, tile_ok & (q0 < q_hi), ASM)
+    if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
+        v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (q0 + 1 < q_hi), ASM)
     if PDL:  # (waiting before the table fill instead measured slower still)
         if ASM:
             _fill_table(tab_ptr, t, NT, COPIES)
@@ -595,16 +567,8 @@ def _mma_gemv_kernel(
         f0, f1, f2, f3 = zero, zero, zero, zero
         for s in tl.static_range(SG):
             q = u * SG + s
-            if RING > 0:  # refill the slot read one group ago, then take this group's slot
-                _ring_copy(ring_lane + ((q - q0 + RING - 1) % RING) * 512, w_lane, q + RING - 1,
-                           tile_ok & (q + RING - 1 < q_hi))  # fmt: skip
-                w0, w1, w2, w3 = _ring_take(ring_lane + ((q - q0) % RING) * 512, RING_TAKE)
-                n0, n1, n2, n3 = w0, w1, w2, w3
-                pn0, pn1, pn2, pn3, rn0, rn1, rn2, rn3 = _xstage(x_a, x_b, q + AHEAD, q_hi, kc, ok_a, ok_b, K, MT,
-                                                                 ASM)  # fmt: skip
-            else:
-                n0, n1, n2, n3, pn0, pn1, pn2, pn3, rn0, rn1, rn2, rn3 = _stage(
-                    w_lane, x_a, x_b, q + AHEAD, q_hi, kc, tile_ok, ok_a, ok_b, K, MT, ASM)  # fmt: skip
+            n0, n1, n2, n3, pn0, pn1, pn2, pn3, rn0, rn1, rn2, rn3 = _stage(
+                w_lane, x_a, x_b, q + AHEAD, q_hi, kc, tile_ok, ok_a, ok_b, K, MT, ASM)  # fmt: skip
             for j in tl.static_range(4):
                 a0, a1, a2, a3 = _lookup(_pick(j, w0, w1, w2, w3), lane_off, tab_ptr, ASM, COPIES)
                 b = _pick(j, p0, p1, p2, p3)
@@ -643,9 +607,6 @@ def _mma_gemv_kernel(
         acc0, acc1, acc2, acc3 = acc0 * sa, acc1 * sa, acc2 * sb, acc3 * sb
         bcc0, bcc1, bcc2, bcc3 = bcc0 * sa, bcc1 * sa, bcc2 * sb, bcc3 * sb
 
-    if RING > 0:  # (the copies past the slice, zero-filled, are done before the program exits)
-        tl.inline_asm_elementwise("cp.async.wait_all;\n\tmov.b32 $0, 0;", "=r,r", [t], dtype=tl.int32, is_pure=False,
-                                  pack=1)  # fmt: skip
     # the KW slices of a tile summed (through shared memory); lane (g, c) of tile r then holds outputs
     # (feature rows row_o / row_o + 8, batch rows m0 / m0 + 1)
     lane_o = tl.arange(0, 32)[None, :]
@@ -865,9 +826,6 @@ def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: 
 _HELPERS = (
     "_words",
     "_l2_prefetch",
-    "_ring_base",
-    "_ring_copy",
-    "_ring_take",
     "_xfrag",
     "_xquad",
     "_pick",
@@ -934,8 +892,6 @@ def _check_config(cfg: dict, kw: int) -> None:
     for name in ("PDL", "SPF"):
         if cfg[name] is not None and not isinstance(cfg[name], bool):
             raise ValueError(f"config {name} must be True, False or None (automatic), got {cfg[name]!r}")
-    if cfg["RING"] not in (0, 2, 4, 8):
-        raise ValueError(f"config RING (code-word ring slots, 0 = off) must be 0, 2, 4 or 8, got {cfg['RING']!r}")
     l2pf = cfg["L2PF"]
     if l2pf is not None and (not isinstance(l2pf, int) or isinstance(l2pf, bool) or not 0 <= l2pf <= 64):
         raise ValueError(f"config L2PF (groups prefetched into L2) must be None or an int in [0, 64], got {l2pf!r}")
@@ -954,13 +910,6 @@ def _device_index(t: torch.Tensor) -> int:
 def _sm90_or_later(index: int) -> bool:
     """Whether GPU ``index`` is sm_90 or later (programmatic dependent launch, bulk L2 prefetch)."""
     return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
-def ring_asm(nw: int, slots: int) -> tuple[str, str]:
-    """The ring's declaration (``nw`` warps x ``slots`` slots of 512 bytes) and its wait-and-read for ``slots``."""
-    decl = f".shared .align 16 .b8 hfoq_mma_ring[{nw * slots * 512}];\n\tmov.u32 $0, hfoq_mma_ring;"
-    take = f"cp.async.wait_group {slots - 1};\n\tld.shared.v4.b32 {{$0, $1, $2, $3}}, [$4];"
-    return decl, take
 
 
 def _prefetch_plan(cfg: dict, p: MmaLutWeight, programs: int, x2: torch.Tensor, interpret: bool) -> tuple[int, bool]:
@@ -1013,11 +962,9 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
     pdl = cfg["PDL"] if cfg["PDL"] is not None else _inductor_pdl()
     pdl = pdl and not interpret and _sm90_or_later(_device_index(x2))
     l2pf, spf = _prefetch_plan(cfg, p, row_progs * m_tiles * split, x2, interpret)
-    ring = 0 if interpret else cfg["RING"]
-    decl, take = ring_asm(nw, ring) if ring else ("", "")
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
-                ASM=not interpret, SPLIT=split > 1, PDL=pdl, L2PF=l2pf, SPF=spf, RING=ring, RING_DECL=decl,
-                RING_TAKE=take, num_warps=nw, num_stages=1)  # fmt: skip
+                ASM=not interpret, SPLIT=split > 1, PDL=pdl, L2PF=l2pf, SPF=spf, num_warps=nw,
+                num_stages=1)  # fmt: skip
     if pdl:
         meta["launch_pdl"] = True
     if cfg.get("MAXNREG"):  # (ptxas keeps 8-warp programs at 64 registers; caps above measured mixed)
