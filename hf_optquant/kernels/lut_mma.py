@@ -306,8 +306,8 @@ def _words(w_lane, q, ok, ASM: tl.constexpr):
 def _l2_prefetch(ptr, nbytes, ok):
     """Ask for ``nbytes`` (a multiple of 16) at ``ptr`` (16-byte aligned) to be brought into L2, where ``ok``.
 
-    One bulk request per warp puts a whole slice of code words in flight at once, without registers: the
-    loads that follow then hit L2 instead of waiting for HBM one or two groups at a time (sm_90+; GPU only).
+    One lane per warp asks; the bytes are then in flight without holding registers, and the loads that follow
+    find them in L2 (sm_90+; GPU only).
     """
     tl.inline_asm_elementwise(_L2PF_ASM, "=r,l,r,r", [ptr, nbytes, (ok & (nbytes > 0)).to(tl.int32)],
                               dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
