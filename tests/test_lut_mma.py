@@ -116,36 +116,6 @@ def test_kernel_matches_float64(monkeypatch, n, k, block, m, split, config):
     torch.testing.assert_close(y32.double(), x.double() @ w.T, rtol=1e-2 if tf32 else 1e-5, atol=1e-4)
 
 
-@needs_triton
-@pytest.mark.parametrize(("n", "k", "block", "m", "config"), [
-    (333, 1024, 64, 1, {"NW": 2, "KW": 1}), (150, 768, 128, 3, {"NW": 4, "KW": 2}),
-    (90, 640, 640, 11, {"NW": 2, "KW": 2}), (40, 4096, 128, 2, {"NW": 2, "KW": 1}),
-])  # fmt: skip
-def test_stream_k_gemv_matches_float64(monkeypatch, n, k, block, m, config):
-    """Equal shares of (row group, K unit) pairs: segments that start and end inside row groups, partial sums
-    added by the last program to finish; batch tiles of 8 and 16, block and per-row scales."""
-    _kernels_here(monkeypatch)
-    codes, lut, scales = _weight(n, k, block, seed=n + m)
-    p = LM.pack_mma_weight(codes, lut, scales, block, device=DEV)
-    w = dequantize_reference(codes, lut, scales, block, dtype=torch.float64)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 1)).bfloat16()
-    ref = x.double() @ w.T
-    y = LM.mma_linear(x.to(DEV), p, path="mma", config=dict(config, SK=True)).cpu()
-    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
-    plain = LM.mma_linear(x.to(DEV), p, path="mma", config=dict(config, SK=False)).cpu()
-    assert float((y.double() - plain.double()).norm() / plain.double().norm()) < 4e-3  # (bf16 outputs, fp32 sums)
-
-
-def test_stream_k_slots_count_the_programs_sharing_a_row_group():
-    for n_rows, n_units, programs in ((11, 16, 16), (448, 32, 528), (7, 5, 3), (3, 64, 150), (5, 2, 10)):
-        work = n_rows * n_units
-        owner = [max(p for p in range(programs) if p * work // programs <= x) for x in range(work)]
-        most = max(len({owner[x] for x in range(r * n_units, (r + 1) * n_units)}) for r in range(n_rows))
-        assert LM.stream_k_slots(n_rows, n_units, programs) == most
-    with pytest.raises(ValueError, match="programs"):
-        LM.stream_k_slots(3, 64, 193)  # an empty program would never add its slot
-
-
 def _gemm_weight_reference(codes, lut, scales, block, dtype):
     """The weight the fused GEMM multiplies: table value rounded to x's dtype, times the scale, rounded again."""
     v = lut.to(dtype).float()[codes.long()]
@@ -280,8 +250,7 @@ def test_invalid_inputs_are_rejected(monkeypatch):
         _kernels_here(monkeypatch)
         for bad, field in (({"NW": 4, "KW": 3}, "KW"), ({"AHEAD": 3}, "AHEAD"), ({"COPIES": 16}, "COPIES"),
                            ({"NW": 6}, "NW"), ({"PDL": 1}, "PDL"), ({"SPF": "yes"}, "SPF"), ({"L2PF": 65}, "L2PF"),
-                           ({"L2PF": -1}, "L2PF"), ({"L2PF": True}, "L2PF"), ({"L2PF": 2.0}, "L2PF"),
-                           ({"SK": "on"}, "SK")):  # fmt: skip
+                           ({"L2PF": -1}, "L2PF"), ({"L2PF": True}, "L2PF"), ({"L2PF": 2.0}, "L2PF")):  # fmt: skip
             with pytest.raises(ValueError, match=field):
                 LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="mma", config=bad)
 

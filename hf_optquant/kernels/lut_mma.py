@@ -91,12 +91,9 @@ GEMM_MAX_M = 256
 #: the tile's block-scale rows requested at the start.  ``None``: ``PREFETCH_GROUPS`` and on where the launch has
 #: at most ``PREFETCH_MAX_PROGRAMS_PER_SM`` programs per SM (few warps per SM, few loads in flight: 4096x14336 15.8
 #: -> 14.5 us, 4096x4096 6.9 -> 6.7 us), off where there are more (there it cost 0-3%; section 5, session 8).
-MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": None, "SPF": None,
-               "SK": None}  # fmt: skip
-MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": 0, "SPF": False,
-                    "SK": False}  # fmt: skip
+MMA_DEFAULT = {"NW": 8, "KW": None, "AHEAD": 2, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": None, "SPF": None}
+MMA_DEFAULT_WIDE = {"NW": 4, "KW": None, "AHEAD": 1, "COPIES": 32, "PER_SM": 1, "PDL": None, "L2PF": 0, "SPF": False}
 PREFETCH_GROUPS, PREFETCH_MAX_PROGRAMS_PER_SM = 2, 2
-SK_PROGRAMS_PER_SM, SK_MAXNREG = 4, 64  # stream-K grid: 8-warp programs resident per SM at 64 registers
 MIN_PROGRAMS_PER_SM = 3
 DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 DEQUANT16_CONFIG = {"BT": 8, "GQ": 4, "num_warps": 4}
@@ -493,21 +490,37 @@ def _xstage(x_a, x_b, q, q_hi, kc, ok_a, ok_b, K, MT: tl.constexpr, ASM: tl.cons
     return p0, p1, p2, p3, r0, r1, r2, r3
 
 
-def _gemv_segment(
-    x_ptr, w_ptr, tab_ptr, s_ptr, M, N, K, stride_xm, lds, n_tiles, n_groups, n_units, row_group, u_lo, u_hi, pid_m,
-    t, SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr,
-    AHEAD: tl.constexpr, COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-    L2PF: tl.constexpr, SPF: tl.constexpr, FILL: tl.constexpr,
+def _mma_gemv_kernel(
+    x_ptr, w_ptr, tab_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
+    SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr,
+    AHEAD: tl.constexpr, COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr, L2PF: tl.constexpr, SPF: tl.constexpr,
 ):  # fmt: skip
-    """Units [u_lo, u_hi) of the RT row tiles of ``row_group``: the program's sums per output tile (batch tile 0,
-    and 1 when MT = 2; ``[RT, 32]`` after the KW warps of a tile are added), their feature rows and batch rows.
-    ``FILL``: fill the pair table, after the first loads."""
+    # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
+    # RT = NW / KW row tiles of 16 and K units (of SG groups) [u_lo, u_hi); the KW warps of a tile take
+    # consecutive slices of that range and are summed through shared memory at the end.
     NT: tl.constexpr = 32 * NW
     RT: tl.constexpr = NW // KW
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    t = tl.arange(0, NT)
     lane = t % 32
     g = lane // 4
     c = lane % 4
+    tile = pid_n * RT + (t // 32) // KW
     kw = (t // 32) % KW
+    tile_ok = tile < n_tiles
+    row_a = tile * 16 + g  # rows of a0/d0 (row_a + 8: a1/d2)
+    ups = tl.cdiv(n_units, n_split)
+    u_lo = pid_k * ups
+    u_hi = tl.minimum(u_lo + ups, n_units)
+    per = tl.cdiv(u_hi - u_lo, KW)  # units per warp
+    u0 = u_lo + kw * per  # this warp's first unit (a tensor: warps differ)
+    q_hi = tl.minimum(tl.minimum(u0 + per, u_hi) * SG, n_groups)
+    w_warp = w_ptr + tile.to(tl.int64) * (n_groups * 128)  # this warp's tile (its slice: groups [q0, q_hi))
+    w_lane = w_warp + lane * 4
     m_a = pid_m * (8 * MT) + g  # batch row of this lane's B fragment (tile 0; tile 1: + 8)
     x_a = x_ptr + m_a.to(tl.int64) * stride_xm + 16 * c
     x_b = x_a + 8 * stride_xm
@@ -515,18 +528,12 @@ def _gemv_segment(
     ok_b = (m_a + 8) < M
     kc = 16 * c
     lane_off = (lane % COPIES) * 4
-    tile = row_group * RT + (t // 32) // KW
-    tile_ok = tile < n_tiles
-    row_a = tile * 16 + g  # rows of a0/d0 (row_a + 8: a1/d2)
-    per = tl.cdiv(u_hi - u_lo, KW)  # units per warp
-    u0 = u_lo + kw * per  # this warp's first unit (a tensor: warps differ)
-    q_hi = tl.minimum(tl.minimum(u0 + per, u_hi) * SG, n_groups)
-    w_warp = w_ptr + tile.to(tl.int64) * (n_groups * 128)  # this warp's tile (its slice: groups [q0, q_hi))
-    w_lane = w_warp + lane * 4
 
     # a stage = one group's code words (w), B fragments of batch tile 0 (p) and tile 1 (r); the first
     # loads go out before the table fill so that their latency overlaps it.  With PDL the first code words and
     # the table (this layer's own data) are read while the previous kernel finishes; x only after the wait.
+    if PDL:  # (programmatic dependent launch, sm_90+: the next kernel in the stream may start its prologue)
+        tl.extra.cuda.gdc_launch_dependents()
     q0 = u0 * SG
     lead = (lane == 0) & tile_ok
     if L2PF > 0:  # the first L2PF groups of the slice
@@ -539,13 +546,13 @@ def _gemv_segment(
     if AHEAD == 2:  # (a third stage measured slower on all six 8B-Llama shapes: RESULTS.md section 5)
         v0, v1, v2, v3 = _words(w_lane, q0 + 1, tile_ok & (q0 + 1 < q_hi), ASM)
     if PDL:  # (waiting before the table fill instead measured slower still)
-        if ASM and FILL:
+        if ASM:
             _fill_table(tab_ptr, t, NT, COPIES)
         tl.extra.cuda.gdc_wait()  # the previous kernel has finished, its writes (x) are visible
     p0, p1, p2, p3, r0, r1, r2, r3 = _xstage(x_a, x_b, q0, q_hi, kc, ok_a, ok_b, K, MT, ASM)
     if AHEAD == 2:
         pv0, pv1, pv2, pv3, rv0, rv1, rv2, rv3 = _xstage(x_a, x_b, q0 + 1, q_hi, kc, ok_a, ok_b, K, MT, ASM)
-    if ASM and not PDL and FILL:
+    if ASM and not PDL:
         _fill_table(tab_ptr, t, NT, COPIES)
     zero = tl.zeros([NT], dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # batch tile 0 (MT = 2: also tile 1 below)
@@ -603,88 +610,24 @@ def _gemv_segment(
     # the KW slices of a tile summed (through shared memory); lane (g, c) of tile r then holds outputs
     # (feature rows row_o / row_o + 8, batch rows m0 / m0 + 1)
     lane_o = tl.arange(0, 32)[None, :]
-    row_o = (row_group * RT + tl.arange(0, RT)[:, None]) * 16 + lane_o // 4
+    row_o = (pid_n * RT + tl.arange(0, RT)[:, None]) * 16 + lane_o // 4
     m0 = pid_m * (8 * MT) + 2 * (lane_o % 4)
     acc0, acc1, acc2, acc3 = (_kw_sum(acc0, RT, KW), _kw_sum(acc1, RT, KW), _kw_sum(acc2, RT, KW),
                               _kw_sum(acc3, RT, KW))  # fmt: skip
+    _store_out(y_ptr, ws_ptr, acc0, acc1, acc2, acc3, m0, row_o, M, N, stride_ym, pid_k, SPLIT)
     if MT == 2:
         bcc0, bcc1, bcc2, bcc3 = (_kw_sum(bcc0, RT, KW), _kw_sum(bcc1, RT, KW), _kw_sum(bcc2, RT, KW),
                                   _kw_sum(bcc3, RT, KW))  # fmt: skip
-    return acc0, acc1, acc2, acc3, bcc0, bcc1, bcc2, bcc3, row_o, m0
-
-
-def _mma_gemv_kernel(
-    x_ptr, w_ptr, tab_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups, n_units, n_split,
-    SG: tl.constexpr, ROW_SCALE: tl.constexpr, MT: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr,
-    AHEAD: tl.constexpr, COPIES: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr, L2PF: tl.constexpr, SPF: tl.constexpr, SK: tl.constexpr,
-):  # fmt: skip
-    # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  Work is counted in
-    # (row group, K unit) pairs, row group r = RT row tiles of 16, unit = SG groups of 64 columns, in the order
-    # r * n_units + u.  A program takes the range [start, end) of that order: row group pid_n and K slice pid_k
-    # (split-K), or with SK ("stream-K") an equal share of all pairs, so that every program does the same work
-    # however the row groups divide among the SMs.  It runs the range as segments (one per row group touched);
-    # in a segment the KW warps of each tile take consecutive slices of its units, summed through shared memory.
-    NT: tl.constexpr = 32 * NW
-    RT: tl.constexpr = NW // KW
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    t = tl.arange(0, NT)
-    n_rows = tl.cdiv(n_tiles, RT)
-    if PDL:  # (programmatic dependent launch, sm_90+: the next kernel in the stream may start its prologue)
-        tl.extra.cuda.gdc_launch_dependents()
-    if SK:  # (n_split: the number of programs along axis 0)
-        if ASM:  # one table for all segments
-            _fill_table(tab_ptr, t, NT, COPIES)
-        work = n_rows * n_units
-        cur = pid_n * work // n_split
-        end = (pid_n + 1) * work // n_split
-        while cur < end:
-            row_group = cur // n_units
-            u_lo = cur - row_group * n_units
-            u_hi = tl.minimum(n_units, u_lo + (end - cur))
-            cur += u_hi - u_lo
-            acc0, acc1, acc2, acc3, bcc0, bcc1, bcc2, bcc3, row_o, m0 = _gemv_segment(
-                x_ptr, w_ptr, tab_ptr, s_ptr, M, N, K, stride_xm, lds, n_tiles, n_groups, n_units, row_group, u_lo,
-                u_hi, pid_m, t, SG, ROW_SCALE, MT, NW, KW, AHEAD, COPIES, F16, ASM, PDL, L2PF, SPF, False)  # fmt: skip
-            # a row group shared between programs: partial sums in slots, the last program to finish adds them
-            first = ((row_group * n_units + 1) * n_split - 1) // work  # the program holding its unit 0
-            last = (((row_group + 1) * n_units) * n_split - 1) // work
-            _finish(y_ptr, ws_ptr, cnt_ptr, acc0, acc1, acc2, acc3, bcc0, bcc1, bcc2, bcc3, m0, row_o, M, N,
-                    stride_ym, pid_n - first, last - first + 1, pid_m * n_rows + row_group, MT,
-                    first < last)  # fmt: skip
-    else:  # (the segment's first loads go out before the table fill, so that their latency overlaps it)
-        ups = tl.cdiv(n_units, n_split)
-        acc0, acc1, acc2, acc3, bcc0, bcc1, bcc2, bcc3, row_o, m0 = _gemv_segment(
-            x_ptr, w_ptr, tab_ptr, s_ptr, M, N, K, stride_xm, lds, n_tiles, n_groups, n_units, pid_n, pid_k * ups,
-            tl.minimum((pid_k + 1) * ups, n_units), pid_m, t, SG, ROW_SCALE, MT, NW, KW, AHEAD, COPIES, F16, ASM,
-            PDL, L2PF, SPF, True)  # fmt: skip
-        _finish(y_ptr, ws_ptr, cnt_ptr, acc0, acc1, acc2, acc3, bcc0, bcc1, bcc2, bcc3, m0, row_o, M, N, stride_ym,
-                pid_k, n_split, pid_m * tl.num_programs(0) + pid_n, MT, SPLIT)  # fmt: skip
-
-
-def _finish(y_ptr, ws_ptr, cnt_ptr, d0, d1, d2, d3, e0, e1, e2, e3, m0, row_o, M, N, stride_ym, slot, n_slots,
-            counter, MT: tl.constexpr, SPLIT):  # fmt: skip
-    """Write a segment's output tiles (batch tile 0: ``d``; MT = 2, tile 1: ``e``), or with ``SPLIT`` (a compile-time
-    or a per-segment flag) its partial sums into ``slot`` of ``n_slots``; the last segment to arrive at ``counter``
-    adds the slots in slot order (deterministic) and writes the result."""
+        _store_out(y_ptr, ws_ptr, bcc0, bcc1, bcc2, bcc3, m0 + 8, row_o, M, N, stride_ym, pid_k, SPLIT)
     if SPLIT:
-        _store_out(y_ptr, ws_ptr, d0, d1, d2, d3, m0, row_o, M, N, stride_ym, slot, True)
-        if MT == 2:
-            _store_out(y_ptr, ws_ptr, e0, e1, e2, e3, m0 + 8, row_o, M, N, stride_ym, slot, True)
         tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + counter, 1, sem="acq_rel", scope="gpu")
-        if done == n_slots - 1:
-            _reduce_out(y_ptr, ws_ptr, m0, row_o, M, N, stride_ym, n_slots)
+        tile_id = pid_m * tl.num_programs(0) + pid_n
+        done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if done == n_split - 1:
+            _reduce_out(y_ptr, ws_ptr, m0, row_o, M, N, stride_ym, n_split)
             if MT == 2:
-                _reduce_out(y_ptr, ws_ptr, m0 + 8, row_o, M, N, stride_ym, n_slots)
-            tl.atomic_xchg(cnt_ptr + counter, 0)
-    else:
-        _store_out(y_ptr, ws_ptr, d0, d1, d2, d3, m0, row_o, M, N, stride_ym, slot, False)
-        if MT == 2:
-            _store_out(y_ptr, ws_ptr, e0, e1, e2, e3, m0 + 8, row_o, M, N, stride_ym, slot, False)
+                _reduce_out(y_ptr, ws_ptr, m0 + 8, row_o, M, N, stride_ym, n_split)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)
 
 
 def _kw_sum(v, RT: tl.constexpr, KW: tl.constexpr):
@@ -897,8 +840,6 @@ _HELPERS = (
     "_stage",
     "_xstage",
     "_kw_sum",
-    "_gemv_segment",
-    "_finish",
     "_scale_pair",
     "_decode_tile",
     "_group_tiles",
@@ -948,7 +889,7 @@ def _check_config(cfg: dict, kw: int) -> None:
         raise ValueError(f"config AHEAD must be 1 or 2, got {cfg['AHEAD']!r}")
     if cfg["COPIES"] not in (8, 32):
         raise ValueError(f"config COPIES must be 8 or 32, got {cfg['COPIES']!r}")
-    for name in ("PDL", "SPF", "SK"):
+    for name in ("PDL", "SPF"):
         if cfg[name] is not None and not isinstance(cfg[name], bool):
             raise ValueError(f"config {name} must be True, False or None (automatic), got {cfg[name]!r}")
     l2pf = cfg["L2PF"]
@@ -969,16 +910,6 @@ def _device_index(t: torch.Tensor) -> int:
 def _sm90_or_later(index: int) -> bool:
     """Whether GPU ``index`` is sm_90 or later (programmatic dependent launch, bulk L2 prefetch)."""
     return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
-def stream_k_slots(n_rows: int, n_units: int, programs: int) -> int:
-    """Most programs that share one row group when ``programs`` take equal shares of ``n_rows * n_units`` (the
-    stream-K GEMV's partial-sum slots per row group; program p owns pairs [p W // P, (p + 1) W // P))."""
-    work = n_rows * n_units
-    if not 0 < programs <= work:  # (more programs than pairs would leave some empty: the kernel counts on none)
-        raise ValueError(f"stream-K needs 1 <= programs <= {work} (row groups x units), got {programs}")
-    owner = lambda x: ((x + 1) * programs - 1) // work  # noqa: E731  (the program holding pair x)
-    return max(owner((r + 1) * n_units - 1) - owner(r * n_units) + 1 for r in range(n_rows))
 
 
 def _prefetch_plan(cfg: dict, p: MmaLutWeight, programs: int, x2: torch.Tensor, interpret: bool) -> tuple[int, bool]:
@@ -1017,34 +948,28 @@ def _gemv_plan(x2: torch.Tensor, p: MmaLutWeight, y: torch.Tensor, interpret: bo
     row_scale = p.scales.shape[1] == 1
     sg = 1 if row_scale else p.scale_block // GROUP_K
     n_units = _cdiv(p.n_groups, sg)
-    sk = cfg["SK"] if cfg["SK"] is not None else False
-    if sk:  # stream-K: exactly the resident programs, each an equal share of (row group, unit) pairs
-        programs = min(row_progs * n_units, SK_PROGRAMS_PER_SM * _sm_count(x2, interpret))
-        split, slots = 1, stream_k_slots(row_progs, n_units, programs)
-    else:
-        if split_k is None:
-            split_k = _choose_split(row_progs * m_tiles, n_units, x2.device, per_sm=cfg["PER_SM"])
-        split = max(1, min(int(split_k), n_units))
-        split = slots = _cdiv(n_units, _cdiv(n_units, split))  # no empty slices
-        programs = row_progs * split
-    n_part, n_cnt = slots * m * y.shape[1], row_progs * m_tiles
-    ws, cnt = _workspace(x2.device, n_part, n_cnt) if slots > 1 else (y, y)
+    if split_k is None:
+        split_k = _choose_split(row_progs * m_tiles, n_units, x2.device, per_sm=cfg["PER_SM"])
+    split = max(1, min(int(split_k), n_units))
+    split = _cdiv(n_units, _cdiv(n_units, split))  # no empty slices
+    n_part, n_cnt = split * m * y.shape[1], row_progs * m_tiles
+    ws, cnt = _workspace(x2.device, n_part, n_cnt) if split > 1 else (y, y)
     f16 = x2.dtype == torch.float16
     args = dict(x_ptr=x2, w_ptr=p.words, tab_ptr=p.pairs_f16 if f16 else p.pairs_bf16, s_ptr=p.scales, y_ptr=y,
                 ws_ptr=ws, cnt_ptr=cnt, M=m, N=y.shape[1], K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0),
                 lds=p.scales.stride(0), n_tiles=p.n_tiles, n_groups=p.n_groups, n_units=n_units,
-                n_split=programs if sk else split)  # fmt: skip
+                n_split=split)  # fmt: skip
     pdl = cfg["PDL"] if cfg["PDL"] is not None else _inductor_pdl()
     pdl = pdl and not interpret and _sm90_or_later(_device_index(x2))
-    l2pf, spf = _prefetch_plan(cfg, p, programs * m_tiles, x2, interpret)
+    l2pf, spf = _prefetch_plan(cfg, p, row_progs * m_tiles * split, x2, interpret)
     meta = dict(SG=sg, ROW_SCALE=row_scale, MT=mt, NW=nw, KW=kw, AHEAD=cfg["AHEAD"], COPIES=cfg["COPIES"], F16=f16,
-                ASM=not interpret, SPLIT=split > 1, PDL=pdl, L2PF=l2pf, SPF=spf, SK=sk, num_warps=nw,
+                ASM=not interpret, SPLIT=split > 1, PDL=pdl, L2PF=l2pf, SPF=spf, num_warps=nw,
                 num_stages=1)  # fmt: skip
     if pdl:
         meta["launch_pdl"] = True
-    if cfg.get("MAXNREG") or sk:  # (ptxas keeps 8-warp programs at 64 registers; caps above measured mixed; the
-        meta["maxnreg"] = cfg.get("MAXNREG") or SK_MAXNREG  # stream-K loop would take 101 and halve residency)
-    return args, meta, (programs if sk else row_progs, m_tiles, split), slots, n_part, n_cnt
+    if cfg.get("MAXNREG"):  # (ptxas keeps 8-warp programs at 64 registers; caps above measured mixed)
+        meta["maxnreg"] = cfg["MAXNREG"]
+    return args, meta, (row_progs, m_tiles, split), split, n_part, n_cnt
 
 
 def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: int | None, config: dict | None):
@@ -1057,14 +982,14 @@ def _launch_gemv(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, split_k: in
         ws, cnt = _workspace(x2.device, rec.n_part, rec.n_cnt) if rec.split > 1 else (y, y)
         _fast_run(rec, x2.device, (x2, y, ws, cnt))
         return y
-    args, meta, grid, slots, n_part, n_cnt = _gemv_plan(x2, p, y, interpret, split_k, config)
+    args, meta, grid, split, n_part, n_cnt = _gemv_plan(x2, p, y, interpret, split_k, config)
     compiled = _kernel(_mma_gemv_kernel, interpret)[grid](*args.values(), **meta)
     if fast and rec is None and compiled is not None:
         names = tuple(inspect.signature(_mma_gemv_kernel).parameters)
         allargs = {**args, **meta}
         full = [None if nm in _SLOTS else allargs[nm] for nm in names]
-        rec = _Launch(compiled, grid, full, tuple(names.index(nm) for nm in _SLOTS), slots, n_part, n_cnt)
-        if _check_fast("mma", rec, x2, y, slots, n_part, n_cnt):
+        rec = _Launch(compiled, grid, full, tuple(names.index(nm) for nm in _SLOTS), split, n_part, n_cnt)
+        if _check_fast("mma", rec, x2, y, split, n_part, n_cnt):
             p._launch_cache[key] = rec
     return y
 
