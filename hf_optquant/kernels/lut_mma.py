@@ -1025,6 +1025,13 @@ def gemm_split(programs: int, n_groups: int, sms: int) -> int:
     return _cdiv(n_groups, _cdiv(n_groups, split))  # no empty slices
 
 
+def _decode_operands(p: MmaLutWeight, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """What the register decode (``_group_tiles``) of the GEMM and the 16-bit dequantisation needs for ``dtype``:
+    its ``prmt`` byte tables and the groups per scale (all of them for one scale per row)."""
+    sg = p.n_groups if p.scales.shape[1] == 1 else p.scale_block // GROUP_K
+    return p.byte_tables[1 if dtype == torch.float16 else 0], sg
+
+
 def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dict | None) -> torch.Tensor:
     cfg = dict(GEMM_DEFAULT, **(config or {}))
     if cfg["BM"] is None:
@@ -1044,12 +1051,11 @@ def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dic
     per = _cdiv(p.n_groups, min(split, p.n_groups))
     split = _cdiv(p.n_groups, per)
     ws = _workspace(x2.device, split * m * n, 1)[0] if split > 1 else y
-    f16 = x2.dtype == torch.float16
+    table, sg = _decode_operands(p, x2.dtype)
     _kernel(_mma_gemm_kernel, interpret)[grid + (split,)](
-        x2, p.words, p.lut, p.byte_tables[1 if f16 else 0], p.scales, y, ws, m, n, k, x2.stride(0),
-        y.stride(0), p.scales.stride(0), p.n_tiles, p.n_groups, per,
-        SG=p.n_groups if p.scales.shape[1] == 1 else p.scale_block // GROUP_K, BT=cfg["BT"], BM=cfg["BM"],
-        STAGES=cfg["STAGES"], F16=f16, ASM=not interpret, SPLIT=split > 1, num_warps=cfg["num_warps"],
+        x2, p.words, p.lut, table, p.scales, y, ws, m, n, k, x2.stride(0), y.stride(0), p.scales.stride(0),
+        p.n_tiles, p.n_groups, per, SG=sg, BT=cfg["BT"], BM=cfg["BM"], STAGES=cfg["STAGES"],
+        F16=x2.dtype == torch.float16, ASM=not interpret, SPLIT=split > 1, num_warps=cfg["num_warps"],
         num_stages=cfg["STAGES"],
     )  # fmt: skip
     if split > 1:  # (deterministic: a fixed summation order)
@@ -1069,11 +1075,10 @@ def decode_mma_weight(p: MmaLutWeight, dtype: torch.dtype) -> torch.Tensor:
     interpret = p.device.type != "cuda" or _interpret_mode()
     if gemm_unsupported(dtype, p) is None:
         bt, gq = DEQUANT16_CONFIG["BT"], DEQUANT16_CONFIG["GQ"]
-        f16 = dtype == torch.float16
+        table, sg = _decode_operands(p, dtype)
         _kernel(_mma_dequant16_kernel, interpret)[(_cdiv(p.n_tiles, bt), _cdiv(p.n_groups, gq))](
-            p.words, p.lut, p.byte_tables[1 if f16 else 0], p.scales, out, n, k, p.n_tiles, p.n_groups,
-            p.scales.stride(0), SG=p.n_groups if p.scales.shape[1] == 1 else p.scale_block // GROUP_K, BT=bt, GQ=gq,
-            F16=f16, ASM=not interpret, num_warps=DEQUANT16_CONFIG["num_warps"],
+            p.words, p.lut, table, p.scales, out, n, k, p.n_tiles, p.n_groups, p.scales.stride(0), SG=sg, BT=bt,
+            GQ=gq, F16=dtype == torch.float16, ASM=not interpret, num_warps=DEQUANT16_CONFIG["num_warps"],
         )  # fmt: skip
         return out
     bn = DEQUANT_CONFIG["BN"]
