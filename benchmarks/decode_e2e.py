@@ -47,7 +47,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from entropy_kernels import clone_packed, encode_grid, grid_quantise, log, segment_for, student_t  # noqa: E402
+from entropy_kernels import (  # noqa: E402
+    clone_packed,
+    encode_grid,
+    grid_quantise,
+    log,
+    mma4_packed,
+    segment_for,
+    student_t,
+)
 
 from hf_optquant.coding.stream import encode_tensors  # noqa: E402
 from hf_optquant.kernels import grid_linear as G  # noqa: E402
@@ -119,12 +127,7 @@ class MmaLinear:
     """4-bit codes in the tensor-core fragment layout (``lut_mma``), bf16 block-128 scales, random codes."""
 
     def __init__(self, n: int, k: int, device, gen):
-        from hf_optquant.kernels.lut_mma import pack_mma_weight
-
-        codes = torch.randint(0, 16, (n, k), device=device, generator=gen, dtype=torch.uint8)
-        lut = torch.sort(torch.randn(16, device=device, generator=gen)).values
-        scales = (torch.rand((n, -(-k // 128)), device=device, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
-        self.p = pack_mma_weight(codes, lut, scales.float(), 128)
+        self.p = mma4_packed(n, k, device, gen)
         self.config = None
 
     def with_config(self, config: dict) -> MmaLinear:

@@ -296,6 +296,16 @@ def lut4_packed(n: int, k: int, device, gen, block: int = 64):
                            out_features=n, in_features=k, bits=4, block_size=block, scale_block=block)
 
 
+def mma4_packed(n: int, k: int, device, gen):
+    """A 4-bit weight in the tensor-core fragment layout (``lut_mma``), random codes, bf16 block-128 scales."""
+    from hf_optquant.kernels.lut_mma import pack_mma_weight
+
+    codes = torch.randint(0, 16, (n, k), device=device, generator=gen, dtype=torch.uint8)
+    lut = torch.sort(torch.randn(16, device=device, generator=gen)).values
+    scales = (torch.rand((n, -(-k // 128)), device=device, generator=gen) * 0.02 + 0.01).to(torch.bfloat16)
+    return pack_mma_weight(codes, lut, scales.float(), 128)
+
+
 def time_prefix(enc: dict, seg: int, device, gen, bs: tuple, row: dict) -> None:
     """The prefix-code layout of the same indices: GPU-resident bits, checks, GEMV / decode times."""
     idx, n, k = enc["idx"], *enc["idx"].shape

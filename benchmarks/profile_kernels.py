@@ -28,19 +28,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from entropy_kernels import encode_grid, lut4_packed, pack, segment_for, student_t  # noqa: E402
+from entropy_kernels import encode_grid, lut4_packed, mma4_packed, pack, segment_for, student_t  # noqa: E402
 
 from hf_optquant.kernels import grid_linear as G  # noqa: E402
 from hf_optquant.kernels.lut_linear import lut_linear  # noqa: E402
-from hf_optquant.kernels.lut_mma import mma_linear, pack_mma_weight  # noqa: E402
-
-
-def mma_packed(n: int, k: int, dev, gen):
-    """A 4-bit fragment-layout weight (random codes, bf16 block-128 scales)."""
-    codes = torch.randint(0, 16, (n, k), device=dev, generator=gen, dtype=torch.uint8)
-    lut = torch.sort(torch.randn(16, device=dev, generator=gen)).values
-    scales = (torch.rand((n, k // 128), device=dev, generator=gen) * 0.02 + 0.01).to(torch.bfloat16).float()
-    return pack_mma_weight(codes, lut, scales, 128)
+from hf_optquant.kernels.lut_mma import mma_linear  # noqa: E402
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -70,7 +62,7 @@ def main() -> None:
         if w is not None:
             calls.append((f"bf16 {n}x{k}", lambda x=x, w=w: F.linear(x, w)))
         for m in (int(v) for v in args.mma_batches.split(",") if v):  # GEMV / GEMM by the default dispatch
-            pm = mma_packed(n, k, dev, gen)
+            pm = mma4_packed(n, k, dev, gen)
             xm = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             calls.append((f"mma {n}x{k} M={m}", lambda x=xm, p=pm: mma_linear(x, p)))
             if w is not None and m > 1:
