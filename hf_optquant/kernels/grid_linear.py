@@ -162,7 +162,9 @@ def pack_grid_weight(
 
     ``layout="prefix"`` (default): the indices re-coded with the prefix code of
     :mod:`hf_optquant.coding.prefix` (several weights per table lookup: 2-3x faster GEMV than
-    rANS on an H100 for ~0.1 b/p more GPU memory; RESULTS.md section 6). ``layout="rans"``: the
+    rANS on an H100 for ~0.1 b/p more GPU memory; RESULTS.md section 6). ``layout="pairs"``: the
+    pair code of :mod:`hf_optquant.coding.pairs` and the tensor-core GEMV of :mod:`.pair_mma` (0.9-1.1x
+    the prefix layout's speed, measured; in-features a multiple of 16). ``layout="rans"``: the
     rANS GPU row layout described below.
 
     The stored stream (size first: one lane per 4096 symbols) is transcoded, on ``device``, to
@@ -188,8 +190,13 @@ def pack_grid_weight(
         raise ValueError(f"stream holds {h.num_symbols} symbols, the weight has {rows} x {cols}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     coded = stream.tensors
-    if layout not in ("prefix", "rans"):
-        raise ValueError(f"layout must be 'prefix' or 'rans', got {layout!r}")
+    if layout not in ("prefix", "pairs", "rans"):
+        raise ValueError(f"layout must be 'prefix', 'pairs' or 'rans', got {layout!r}")
+    if layout == "pairs":
+        from .pair_mma import pack_pair_weight
+
+        index = _stream_indices(coded, h, device).reshape(rows, cols)
+        return pack_pair_weight(index, scales, fmt.element.step, encoded.dtype, device)  # (chunk_size: unused)
     if layout == "prefix":
         index = _stream_indices(coded, h, device).reshape(rows, cols)
         return pack_prefix_weight(index, scales, fmt.element.step, encoded.dtype, device, chunk_size=chunk_size)
@@ -667,6 +674,10 @@ def decode_grid_weight(packed: PackedGridWeight, dtype: torch.dtype | None = Non
     """The dense ``[N, K]`` weight on ``packed``'s device, bit-identical to the format's decode."""
     if isinstance(packed, PackedPrefixWeight):
         return decode_prefix_weight(packed, dtype)
+    if _is_pairs(packed):
+        from .pair_mma import decode_pair_weight
+
+        return decode_pair_weight(packed, dtype)
     dtype = packed.dtype if dtype is None else dtype
     if dtype == torch.float64:
         return decode_grid_weight(packed, torch.float32).double()
@@ -685,6 +696,10 @@ def grid_linear(x: torch.Tensor, packed: PackedGridWeight, *, path: str | None =
     """
     if isinstance(packed, PackedPrefixWeight):
         return prefix_linear(x, packed, path=path)
+    if _is_pairs(packed):
+        from .pair_mma import pair_linear
+
+        return pair_linear(x, packed, path=path)
     k, n = packed.in_features, packed.out_features
     x2, lead = linear_input(x, k, ("gemv", "dense", "torch"), path)
     m = x2.shape[0]
@@ -712,3 +727,9 @@ def _escape_weights(packed: PackedGridWeight, dtype: torch.dtype) -> torch.Tenso
     rows = packed.esc_row.long()
     scale = packed.scales[rows] if packed.scales.numel() > 1 else packed.scales.expand(rows.numel())
     return ((packed.esc_val.double() * packed.step).float() * scale).to(dtype)
+
+
+def _is_pairs(packed) -> bool:
+    from .pair_mma import PackedPairWeight
+
+    return isinstance(packed, PackedPairWeight)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import numpy as np
 import torch
 
 from ..coding.pairs import (
@@ -51,8 +50,10 @@ __all__ = ["PackedPairWeight", "decode_pair_weight", "pack_pair_weight", "pair_l
 
 GEMV_MAX_M = 16
 """Largest batch served by the fused decode-GEMV (programs of 8 rows); above: decode + matmul."""
-#: Launch defaults: warps per program, warps sharing one row tile (each takes a slice of its chunks; None: all).
-PAIR_DEFAULT = {"NW": 4, "KW": None, "PER_SM": 2}
+#: Launch defaults: warps per program, warps sharing one row tile (each takes a slice of its chunks; None: all),
+#: ``PF``: prefetch each lane's words into L1 at the start of a chunk (GPU only).  H100 sweep (RESULTS.md section 6,
+#: session 9): 8 warps beat 4 with 8-group chunks on three of the four 8B shapes; the L1 prefetch gained 4-19%.
+PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True}
 _EXTRA_PAD = 6 * MAX_CHUNK * 16 // 16  # words a warp may read past its data in a partial last chunk
 _BIAS = {torch.bfloat16: 192.0, torch.float16: 1088.0}  # value of byte 0 of the table in the A fragment
 _ONES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}
@@ -113,14 +114,19 @@ class PackedPairWeight:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
 
+CHUNK_GROUPS = 8
+"""Default groups of 64 columns per chunk: more warps in flight for +0.05 b/p over 16 (H100, session 9)."""
+
+
 def pair_chunk(in_features: int) -> int:
-    """Groups of 64 columns per chunk: 16 (a warp decodes 1024 columns of 16 rows), or the divisor of the row's
-    groups in [12, 20] closest to 16 where that avoids a partial last chunk."""
+    """Groups of 64 columns per chunk: :data:`CHUNK_GROUPS`, or the divisor of the row's groups within 25% of it
+    (closest first) where that avoids a partial last chunk."""
     ng = max(_cdiv(in_features, GROUP_K), 1)
-    if ng <= 16:
+    if ng <= CHUNK_GROUPS:
         return ng
-    fits = [c for c in range(12, 21) if ng % c == 0]
-    return min(fits, key=lambda c: abs(c - 16)) if fits else 16
+    lo, hi = (3 * CHUNK_GROUPS) // 4, (5 * CHUNK_GROUPS) // 4
+    fits = [c for c in range(lo, hi + 1) if ng % c == 0]
+    return min(fits, key=lambda c: abs(c - CHUNK_GROUPS)) if fits else CHUNK_GROUPS
 
 
 def pack_pair_weight(
@@ -145,14 +151,13 @@ def pack_pair_weight(
     pos = lanes.esc_col.long() << 4 | (lanes.esc_row.long() % TILE_ROWS)
     val = (lanes.esc_v0.long() & 0xFFFF) | (lanes.esc_v1.long() << 16)
     val = torch.where(val >= 1 << 31, val - (1 << 32), val)
-    step32 = float(np.float32(step))
     device = torch.device(device) if device is not None else index.device
     return PackedPairWeight(
         words=words, chunk_base=lanes.chunk_base, counts=lanes.counts, table=torch.from_numpy(code.table()),
-        mult=(scales.double() * step32).float(), scales=scales, esc_off=lanes.esc_off,
+        mult=(scales.double() * float(step)).float(), scales=scales, esc_off=lanes.esc_off,
         esc_pos=pos.to(torch.int32), esc_val=val.to(torch.int32), code_pairs=torch.from_numpy(code.pairs),
         code_lengths=torch.from_numpy(code.lengths), out_features=rows, in_features=cols, chunk=chunk,
-        step=step32, dtype=dtype,
+        step=float(step), dtype=dtype,
     ).to(device)  # fmt: skip
 
 
@@ -210,6 +215,7 @@ _LOOKUP_ASM = (
 )
 """One lookup: outputs (a, hi, lo, nb); inputs (hi, lo, nb). The entry's low byte is the code length, so wrap-mode
 funnel shifts use the entry as it is (shift mod 32), and ``nb - e`` is right in its low 7 bits."""
+_PF_L1 = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }")
 _PAIR_LOOKUP_BF16 = _CONSTEXPR(_LOOKUP_ASM.replace("HB", "0x43"))
 _PAIR_LOOKUP_F16 = _CONSTEXPR(_LOOKUP_ASM.replace("HB", "0x64"))
 
@@ -256,6 +262,11 @@ def _lookup(hi, lo, nb, tab_ptr, F16: tl.constexpr, ASM: tl.constexpr):
             hb = 0x6400
         a = (hb | ((e >> 8) & 255)) | ((hb | ((e >> 16) & 255)) << 16)
     return a, hi, lo, nb
+
+
+def _prefetch_l1(ptr, ok):
+    """Bring the 128-byte line at ``ptr`` into L1 where ``ok`` (no register holds it: the refills that follow hit)."""
+    tl.inline_asm_elementwise(_PF_L1, "=r,l,r", [ptr, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _fill_pair_table(tab_ptr, t, NT: tl.constexpr):
@@ -306,7 +317,7 @@ def _pair_gemv_kernel(
     x_ptr, w_ptr, base_ptr, cnt_ptr, tab_ptr, mult_ptr, y_ptr, ws_ptr, tick_ptr, esc_off_ptr, esc_pos_ptr,
     esc_val_ptr, M, N, K, stride_xm, stride_ym, n_tiles, n_chunks, n_groups, n_split, bias,
     CH: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
-    SPLIT: tl.constexpr, ROW_MULT: tl.constexpr, HAS_ESC: tl.constexpr, ONES: tl.constexpr,
+    SPLIT: tl.constexpr, ROW_MULT: tl.constexpr, HAS_ESC: tl.constexpr, ONES: tl.constexpr, PF: tl.constexpr,
 ):  # fmt: skip
     # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
     # RT = NW / KW row tiles and chunks [h_lo, h_hi); the KW warps of a tile take consecutive slices.
@@ -346,6 +357,9 @@ def _pair_gemv_kernel(
         before = tl.reshape(tl.cumsum(cnt2, axis=1) - cnt2, [NT])
         start = tl.load(base_ptr + unit) + before
         ptr = w_ptr + start
+        if PF:  # the lane's words into L1 first: a refill then waits ~L1 latency, not DRAM's
+            for li in tl.static_range((6 * CH + 31) // 32 + 1):
+                _prefetch_l1(ptr + 32 * li, 32 * li < cnt + 4)
         hi = tl.load(ptr)
         lo = tl.load(ptr + 1)
         q0 = tl.load(ptr + 2)
@@ -400,7 +414,7 @@ def _pair_gemv_kernel(
             tl.atomic_xchg(tick_ptr + tile_id, 0)
 
 
-_HELPERS = ("_check", "_lookup", "_fill_pair_table", "_escapes")
+_HELPERS = ("_check", "_lookup", "_prefetch_l1", "_fill_pair_table", "_escapes")
 _PLAIN = {**_lm._PLAIN, **jit_helpers(globals(), _HELPERS)}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -443,7 +457,8 @@ def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: boo
                 M=m, N=p.out_features, K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0), n_tiles=p.n_tiles,
                 n_chunks=nch, n_groups=p.n_groups, n_split=split, bias=_BIAS[torch.float16 if f16 else torch.bfloat16])
     meta = dict(CH=p.chunk, NW=nw, KW=kw, F16=f16, ASM=not interpret, SPLIT=split > 1, ROW_MULT=p.mult.numel() > 1,
-                HAS_ESC=p.num_escapes > 0, ONES=_ONES[torch.float16 if f16 else torch.bfloat16], num_warps=nw,
+                HAS_ESC=p.num_escapes > 0, ONES=_ONES[torch.float16 if f16 else torch.bfloat16],
+                PF=bool(cfg["PF"]) and not interpret, num_warps=nw,
                 num_stages=1)  # fmt: skip
     return args, meta, (row_progs, m_tiles, split)
 
