@@ -163,8 +163,8 @@ def pack_grid_weight(
     ``layout="prefix"`` (default): the indices re-coded with the prefix code of
     :mod:`hf_optquant.coding.prefix` (several weights per table lookup: 2-3x faster GEMV than
     rANS on an H100 for ~0.1 b/p more GPU memory; RESULTS.md section 6). ``layout="pairs"``: the
-    pair code of :mod:`hf_optquant.coding.pairs` and the tensor-core GEMV of :mod:`.pair_mma` (0.9-1.1x
-    the prefix layout's speed, measured; in-features a multiple of 16). ``layout="rans"``: the
+    pair code of :mod:`hf_optquant.coding.pairs` and the tensor-core GEMV of :mod:`.pair_mma` (0.7-1.2x
+    the prefix layout's speed on the H100, RESULTS.md section 6; in-features a multiple of 16). ``layout="rans"``: the
     rANS GPU row layout described below.
 
     The stored stream (size first: one lane per 4096 symbols) is transcoded, on ``device``, to
@@ -192,13 +192,12 @@ def pack_grid_weight(
     coded = stream.tensors
     if layout not in ("prefix", "pairs", "rans"):
         raise ValueError(f"layout must be 'prefix', 'pairs' or 'rans', got {layout!r}")
-    if layout == "pairs":
-        from .pair_mma import pack_pair_weight
+    if layout in ("prefix", "pairs"):
+        index = _stream_indices(coded, h, device).reshape(rows, cols)
+        if layout == "pairs":
+            from .pair_mma import pack_pair_weight
 
-        index = _stream_indices(coded, h, device).reshape(rows, cols)
-        return pack_pair_weight(index, scales, fmt.element.step, encoded.dtype, device)  # (chunk_size: unused)
-    if layout == "prefix":
-        index = _stream_indices(coded, h, device).reshape(rows, cols)
+            return pack_pair_weight(index, scales, fmt.element.step, encoded.dtype, device)  # (chunk_size: unused)
         return pack_prefix_weight(index, scales, fmt.element.step, encoded.dtype, device, chunk_size=chunk_size)
     if not _row_coded(h, cols) or (chunk_size is not None and chunk_size != h.chunk_size):
         index = _stream_indices(coded, h, device).reshape(rows, cols)
