@@ -53,6 +53,11 @@ def layer(n: int, k: int, bits: float, device, gen, batches: tuple, configs: lis
         x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
         ref = x.double() @ w_ref.T
         row[f"rel_err_m{m}"] = EK.rel(PM.pair_linear(x, p, path="gemv"), ref)
+        for ci, cfg in enumerate(configs):  # every launch config checked on the GPU before it is timed
+            try:
+                row[f"pair_cfg{ci}_rel_err_m{m}"] = EK.rel(PM.pair_linear(x, p, path="gemv", config=cfg), ref)
+            except Exception as exc:  # noqa: BLE001  (a config the kernel refuses: recorded, the run goes on)
+                row[f"pair_cfg{ci}_error"] = repr(exc)[:300]
     del w_ref
     EK.log(n, k, f"H {row['entropy']:.3f} gpu {row['gpu_bpp']:.3f} b/p exact {row['index_exact']}",
            f"err {row['rel_err_m1']:.2e}/{row['rel_err_m5']:.2e} encode {row['encode_s']:.2f}s")  # fmt: skip

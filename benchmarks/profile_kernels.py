@@ -28,9 +28,20 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from entropy_kernels import encode_grid, lut4_packed, mma4_packed, pack, segment_for, student_t  # noqa: E402
+from entropy_kernels import (  # noqa: E402
+    encode_grid,
+    grid_quantise,
+    lut4_packed,
+    mma4_packed,
+    pack,
+    segment_for,
+    step_for_entropy,
+    student_t,
+)
 
 from hf_optquant.kernels import grid_linear as G  # noqa: E402
+from hf_optquant.kernels import pair_mma as PM  # noqa: E402
+from hf_optquant.kernels import prefix_linear as PL  # noqa: E402
 from hf_optquant.kernels.lut_linear import lut_linear  # noqa: E402
 from hf_optquant.kernels.lut_mma import mma_linear  # noqa: E402
 
@@ -43,6 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="128256x4096,14336x4096,4096x4096")
     ap.add_argument("--grid-shapes", default="14336x4096", help="shapes for the entropy-coded kernel ('' = none)")
+    ap.add_argument("--pair-shapes", default="", help="shapes for the pair-code layout ('' = none)")
+    ap.add_argument("--pair-configs", default="", help="';'-separated JSON pair_mma launch configs")
     ap.add_argument("--lut-configs", default="", help="';'-separated JSON GEMV configs (default: the built-in)")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--mma-batches", default="", help="fragment-layout kernel batches, e.g. 1,256")
@@ -72,6 +85,17 @@ def main() -> None:
         enc = encode_grid(student_t((n, k), dev, gen), 3.5, segment_for(n, k, "speed"))
         p = pack(enc, dev)
         calls.append((f"grid3.5 {n}x{k}", lambda x=x, p=p: G.grid_linear(x, p, path="gemv")))
+    for n, k in parse_shapes(args.pair_shapes):  # pair and prefix layouts of the same 3.5 b/sym indices
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        w = student_t((n, k), dev, gen)
+        step = step_for_entropy(w, 3.5)
+        idx, scales = grid_quantise(w, step)
+        pp = PM.pack_pair_weight(idx, scales, step, torch.bfloat16, dev)
+        px = PL.pack_prefix_weight(idx, scales, step, torch.bfloat16, dev)
+        for cfg in [json.loads(c) for c in args.pair_configs.split(";") if c] or [None]:
+            fn = lambda x=x, p=pp, c=cfg: PM.pair_linear(x, p, path="gemv", config=c)  # noqa: E731
+            calls.append((f"pairs3.5 {n}x{k} {cfg}", fn))
+        calls.append((f"prefix3.5 {n}x{k}", lambda x=x, p=px: PL.prefix_linear(x, p)))
     for _, fn in calls:
         for _ in range(3):
             fn()

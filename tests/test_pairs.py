@@ -111,7 +111,9 @@ def test_gpu_bits_close_to_the_entropy(rng) -> None:
 
 @needs_triton
 @pytest.mark.parametrize("n,k,m,chunk,config", [(37, 208, 1, 2, None), (64, 256, 3, None, {"NW": 2}),
-                                                (40, 128, 9, 1, {"NW": 2, "KW": 1}), (32, 512, 2, 2, {"NW": 4})])
+                                                (40, 128, 9, 1, {"NW": 2, "KW": 1}), (32, 512, 2, 2, {"NW": 4}),
+                                                (40, 640, 2, 2, {"NW": 2, "KW": 1, "ILP": 2}),
+                                                (37, 208, 1, 1, {"NW": 2, "KW": 2, "ILP": 2})])
 def test_gemv_matches_float64(rng, monkeypatch, n, k, m, chunk, config) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     idx = _indices(rng, n, k)
@@ -160,3 +162,5 @@ def test_bad_inputs_are_refused() -> None:
     p = PM.pack_pair_weight(torch.zeros(16, 64, dtype=torch.long), torch.ones(16), 1.0)
     with pytest.raises(ValueError, match="NW"):
         PM._plan(torch.zeros(1, 64, dtype=torch.bfloat16), p, torch.zeros(1, 16), True, None, {"NW": 3})
+    with pytest.raises(ValueError, match="ILP"):
+        PM._plan(torch.zeros(1, 64, dtype=torch.bfloat16), p, torch.zeros(1, 16), True, None, {"ILP": 3})

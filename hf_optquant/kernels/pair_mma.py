@@ -51,9 +51,12 @@ __all__ = ["PackedPairWeight", "decode_pair_weight", "pack_pair_weight", "pair_l
 GEMV_MAX_M = 16
 """Largest batch served by the fused decode-GEMV (programs of 8 rows); above: decode + matmul."""
 #: Launch defaults: warps per program, warps sharing one row tile (each takes a slice of its chunks; None: all),
-#: ``PF``: prefetch each lane's words into L1 at the start of a chunk (GPU only).  H100 sweep (RESULTS.md section 6,
-#: session 9): 8 warps beat 4 with 8-group chunks on three of the four 8B shapes; the L1 prefetch gained 4-19%.
-PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True}
+#: ``PF``: prefetch each lane's words into L1 at the start of a chunk (GPU only); ``ILP``: chunks a warp decodes side
+#: by side (1 or 2: independent lookup chains); ``REG``: register cap per thread (ptxas ``maxnreg``; None: its own);
+#: ``CARVE``: preferred shared-memory carve-out in percent (the rest of the SM's 256 KB is L1; None: the driver's).
+#: H100 sweep (RESULTS.md section 6, session 9): 8 warps beat 4 with 8-group chunks on three of the four 8B shapes;
+#: the L1 prefetch gained 4-19%.
+PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True, "ILP": 1, "REG": None, "CARVE": None}
 _EXTRA_PAD = 6 * MAX_CHUNK * 16 // 16  # words a warp may read past its data in a partial last chunk
 _BIAS = {torch.bfloat16: 192.0, torch.float16: 1088.0}  # value of byte 0 of the table in the A fragment
 _ONES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}
@@ -269,6 +272,31 @@ def _prefetch_l1(ptr, ok):
     tl.inline_asm_elementwise(_PF_L1, "=r,l,r", [ptr, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
+def _open_unit(w_ptr, base_ptr, cnt_ptr, unit, lane, NW: tl.constexpr, CH: tl.constexpr, PF: tl.constexpr):
+    """A lane's decoder state at the start of ``unit``: bit buffer ``(hi, lo, nb)``, word queue ``(q0, q1)`` and the
+    index of its next word (the lane's words start after those of the lanes before it)."""
+    cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
+    cnt2 = tl.reshape(cnt, [NW, 32])
+    start = tl.load(base_ptr + unit) + tl.reshape(tl.cumsum(cnt2, axis=1) - cnt2, [32 * NW])
+    ptr = w_ptr + start
+    if PF:  # the lane's words into L1 first: a refill then waits ~L1 latency, not DRAM's
+        for li in tl.static_range((6 * CH + 31) // 32 + 1):
+            _prefetch_l1(ptr + 32 * li, 32 * li < cnt + 4)
+    nb = tl.full([32 * NW], 64, tl.int32)
+    return tl.load(ptr), tl.load(ptr + 1), nb, tl.load(ptr + 2), tl.load(ptr + 3), start + 4
+
+
+def _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, F16: tl.constexpr, ASM: tl.constexpr):
+    """The four A-fragment registers of one k16 step (two checks, four lookups) and the advanced state."""
+    hi, lo, nb, q0, q1, nxt = _check(hi, lo, nb, q0, q1, nxt, w_ptr, ASM)
+    a0, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
+    a1, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
+    hi, lo, nb, q0, q1, nxt = _check(hi, lo, nb, q0, q1, nxt, w_ptr, ASM)
+    a2, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
+    a3, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
+    return a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt
+
+
 def _fill_pair_table(tab_ptr, t, NT: tl.constexpr):
     """Copy the 4096-entry decode table into shared memory."""
     decl = tl.inline_asm_elementwise(_PAIR_TABLE_DECL, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32,
@@ -318,6 +346,7 @@ def _pair_gemv_kernel(
     esc_val_ptr, M, N, K, stride_xm, stride_ym, n_tiles, n_chunks, n_groups, n_split, bias,
     CH: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
     SPLIT: tl.constexpr, ROW_MULT: tl.constexpr, HAS_ESC: tl.constexpr, ONES: tl.constexpr, PF: tl.constexpr,
+    ILP: tl.constexpr,
 ):  # fmt: skip
     # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
     # RT = NW / KW row tiles and chunks [h_lo, h_hi); the KW warps of a tile take consecutive slices.
@@ -339,6 +368,7 @@ def _pair_gemv_kernel(
     h_hi = tl.minimum(h_lo + cps, n_chunks)
     per = tl.cdiv(h_hi - h_lo, KW)  # chunks per warp
     h0 = h_lo + kw * per
+    h_end = tl.minimum(h0 + per, h_hi)
     m_a = pid_m * 8 + g  # batch row of this lane's B fragment
     x_a = x_ptr + m_a.to(tl.int64) * stride_xm + 16 * c
     ok_a = m_a < M
@@ -348,38 +378,36 @@ def _pair_gemv_kernel(
     zero = tl.zeros([NT], dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero
     sum0, sum1, sum2, sum3 = zero, zero, zero, zero
-    for i in range(0, per):
-        h = h0 + i
-        h_ok = tile_ok & (h < tl.minimum(h0 + per, h_hi))
-        unit = tile_c * n_chunks + tl.minimum(h, n_chunks - 1)
-        cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
-        cnt2 = tl.reshape(cnt, [NW, 32])
-        before = tl.reshape(tl.cumsum(cnt2, axis=1) - cnt2, [NT])
-        start = tl.load(base_ptr + unit) + before
-        ptr = w_ptr + start
-        if PF:  # the lane's words into L1 first: a refill then waits ~L1 latency, not DRAM's
-            for li in tl.static_range((6 * CH + 31) // 32 + 1):
-                _prefetch_l1(ptr + 32 * li, 32 * li < cnt + 4)
-        hi = tl.load(ptr)
-        lo = tl.load(ptr + 1)
-        q0 = tl.load(ptr + 2)
-        q1 = tl.load(ptr + 3)
-        nxt = start + 4
-        nb = tl.full([NT], 64, tl.int32)
+    for i in range(0, per, ILP):  # ILP consecutive chunks decoded side by side: independent lookup chains
+        h_a = h0 + i
+        ok_ha = tile_ok & (h_a < h_end)
+        st_a = _open_unit(w_ptr, base_ptr, cnt_ptr, tile_c * n_chunks + tl.minimum(h_a, n_chunks - 1), lane, NW, CH, PF)
+        hi, lo, nb, q0, q1, nxt = st_a
+        if ILP == 2:
+            h_b = h_a + 1
+            ok_hb = tile_ok & (h_b < h_end)
+            st_b = _open_unit(w_ptr, base_ptr, cnt_ptr, tile_c * n_chunks + tl.minimum(h_b, n_chunks - 1), lane, NW,
+                              CH, PF)  # fmt: skip
+            hi2, lo2, nb2, r0, r1, nxt2 = st_b
         for q in range(0, CH):
-            kq = (h * CH + q) * 64
-            xok = ok_a & h_ok & (kq + 16 * c < K)
-            p0, p1, p2, p3 = _xfrag(x_a, kq, xok, ASM)
+            kq = (h_a * CH + q) * 64
+            p0, p1, p2, p3 = _xfrag(x_a, kq, ok_a & ok_ha & (kq + 16 * c < K), ASM)
+            if ILP == 2:
+                kq2 = (h_b * CH + q) * 64
+                u0, u1, u2, u3 = _xfrag(x_a, kq2, ok_a & ok_hb & (kq2 + 16 * c < K), ASM)
             for j in tl.static_range(4):
+                a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt = _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, F16,
+                                                                      ASM)  # fmt: skip
+                if ILP == 2:
+                    e0, e1, e2, e3, hi2, lo2, nb2, r0, r1, nxt2 = _decode_k16(hi2, lo2, nb2, r0, r1, nxt2, w_ptr,
+                                                                              tab_ptr, F16, ASM)  # fmt: skip
                 b = _pick(j, p0, p1, p2, p3)
-                hi, lo, nb, q0, q1, nxt = _check(hi, lo, nb, q0, q1, nxt, w_ptr, ASM)
-                a0, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
-                a1, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
-                hi, lo, nb, q0, q1, nxt = _check(hi, lo, nb, q0, q1, nxt, w_ptr, ASM)
-                a2, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
-                a3, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
                 acc0, acc1, acc2, acc3 = _mma(a0, a1, a2, a3, b, acc0, acc1, acc2, acc3, NW, F16, ASM)
                 sum0, sum1, sum2, sum3 = _mma(ones, ones, ones, ones, b, sum0, sum1, sum2, sum3, NW, F16, ASM)
+                if ILP == 2:
+                    b2 = _pick(j, u0, u1, u2, u3)
+                    acc0, acc1, acc2, acc3 = _mma(e0, e1, e2, e3, b2, acc0, acc1, acc2, acc3, NW, F16, ASM)
+                    sum0, sum1, sum2, sum3 = _mma(ones, ones, ones, ones, b2, sum0, sum1, sum2, sum3, NW, F16, ASM)
     acc0 -= bias * sum0
     acc1 -= bias * sum1
     acc2 -= bias * sum2
@@ -414,7 +442,7 @@ def _pair_gemv_kernel(
             tl.atomic_xchg(tick_ptr + tile_id, 0)
 
 
-_HELPERS = ("_check", "_lookup", "_prefetch_l1", "_fill_pair_table", "_escapes")
+_HELPERS = ("_check", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table", "_escapes")
 _PLAIN = {**_lm._PLAIN, **jit_helpers(globals(), _HELPERS)}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -430,6 +458,16 @@ def _kernel(fn, interpret: bool):
 # --------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _set_carveout(function: int, percent: int) -> None:
+    """Ask the driver for ``percent`` of the SM's unified memory as shared memory for ``function`` (a hint)."""
+    import ctypes
+
+    err = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), 9, ctypes.c_int(percent))
+    if err:  # 9: CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+        raise RuntimeError(f"cuFuncSetAttribute(carve-out {percent}%) failed with CUDA error {err}")
+
+
 def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: bool, split_k: int | None,
           config: dict | None):  # fmt: skip
     m, k = x2.shape
@@ -440,11 +478,14 @@ def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: boo
     kw = cfg["KW"] if cfg["KW"] is not None else nw
     if kw not in (1, 2, 4, 8, 16) or nw % kw:
         raise ValueError(f"config KW={kw!r} must be a power of two that divides NW={nw}")
+    ilp = cfg["ILP"]
+    if ilp not in (1, 2):
+        raise ValueError(f"config ILP must be 1 or 2, got {ilp!r}")
     m_tiles = _cdiv(m, 8)
     row_progs = _cdiv(p.n_tiles, nw // kw)
     nch = p.n_chunks
     if split_k is None:
-        split_k = _cdiv(nch, kw) if not interpret else 1
+        split_k = _cdiv(nch, kw * ilp) if not interpret else 1
         if x2.device.type == "cuda":
             split_k = max(1, min(split_k, _choose_split(row_progs * m_tiles, nch, x2.device, per_sm=cfg["PER_SM"])))
     split = max(1, min(int(split_k), nch))
@@ -458,8 +499,9 @@ def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: boo
                 n_chunks=nch, n_groups=p.n_groups, n_split=split, bias=_BIAS[torch.float16 if f16 else torch.bfloat16])
     meta = dict(CH=p.chunk, NW=nw, KW=kw, F16=f16, ASM=not interpret, SPLIT=split > 1, ROW_MULT=p.mult.numel() > 1,
                 HAS_ESC=p.num_escapes > 0, ONES=_ONES[torch.float16 if f16 else torch.bfloat16],
-                PF=bool(cfg["PF"]) and not interpret, num_warps=nw,
-                num_stages=1)  # fmt: skip
+                PF=bool(cfg["PF"]) and not interpret, ILP=ilp, num_warps=nw, num_stages=1)
+    if cfg["REG"] is not None and not interpret:
+        meta["maxnreg"] = int(cfg["REG"])
     return args, meta, (row_progs, m_tiles, split)
 
 
@@ -486,5 +528,8 @@ def pair_linear(x: torch.Tensor, p: PackedPairWeight, *, path: str | None = None
     y = torch.empty((m, n), dtype=xin.dtype, device=x2.device)
     interpret = _interpret_mode()
     args, meta, grid = _plan(xin, p, y, interpret, split_k, config)
-    _kernel(_pair_gemv_kernel, interpret)[grid](*args.values(), **meta)
+    compiled = _kernel(_pair_gemv_kernel, interpret)[grid](*args.values(), **meta)
+    carve = dict(PAIR_DEFAULT, **(config or {}))["CARVE"]
+    if carve is not None and not interpret:
+        _set_carveout(compiled.function, int(carve))
     return y.to(x.dtype).reshape(*lead, n)
