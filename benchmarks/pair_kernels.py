@@ -49,7 +49,7 @@ def layer(n: int, k: int, bits: float, device, gen, batches: tuple, configs: lis
     row["chunk"] = p.chunk
     row["index_exact"] = bool(torch.equal(PM.pair_reference_index(p), idx.long()))
     w_ref = (idx.double() * float(p.step)) * scales.double()[:, None]
-    for m in (1, 5):
+    for m in (1, 5, 16):
         x = torch.randn((m, k), device=device, generator=gen).to(torch.bfloat16)
         ref = x.double() @ w_ref.T
         row[f"rel_err_m{m}"] = EK.rel(PM.pair_linear(x, p, path="gemv"), ref)
@@ -60,7 +60,7 @@ def layer(n: int, k: int, bits: float, device, gen, batches: tuple, configs: lis
                 row[f"pair_cfg{ci}_error"] = repr(exc)[:300]
     del w_ref
     EK.log(n, k, f"H {row['entropy']:.3f} gpu {row['gpu_bpp']:.3f} b/p exact {row['index_exact']}",
-           f"err {row['rel_err_m1']:.2e}/{row['rel_err_m5']:.2e} encode {row['encode_s']:.2f}s")  # fmt: skip
+           f"err {row['rel_err_m1']:.2e}/{row['rel_err_m5']:.2e}/{row['rel_err_m16']:.2e} encode {row['encode_s']:.2f}s")  # fmt: skip
     copies = EK.copies_for(p.nbytes)
     ps = [p] + [EK.clone_packed(p) for _ in range(copies - 1)]
     wb = [torch.empty((n, k), dtype=torch.bfloat16, device=device).normal_(generator=gen) for _ in range(

@@ -51,12 +51,10 @@ __all__ = ["PackedPairWeight", "decode_pair_weight", "pack_pair_weight", "pair_l
 GEMV_MAX_M = 16
 """Largest batch served by the fused decode-GEMV (programs of 8 rows); above: decode + matmul."""
 #: Launch defaults: warps per program, warps sharing one row tile (each takes a slice of its chunks; None: all),
-#: ``PF``: prefetch each lane's words into L1 at the start of a chunk (GPU only); ``ILP``: chunks a warp decodes side
-#: by side (1 or 2: independent lookup chains); ``REG``: register cap per thread (ptxas ``maxnreg``; None: its own);
-#: ``CARVE``: preferred shared-memory carve-out in percent (the rest of the SM's 256 KB is L1; None: the driver's).
+#: ``PF``: prefetch each lane's words into L1 at the start of a chunk (GPU only).
 #: H100 sweep (RESULTS.md section 6, session 9): 8 warps beat 4 with 8-group chunks on three of the four 8B shapes;
 #: the L1 prefetch gained 4-19%.
-PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True, "ILP": 1, "REG": None, "CARVE": None}
+PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True}
 _EXTRA_PAD = 6 * MAX_CHUNK * 16 // 16  # words a warp may read past its data in a partial last chunk
 _BIAS = {torch.bfloat16: 192.0, torch.float16: 1088.0}  # value of byte 0 of the table in the A fragment
 _ONES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}
@@ -82,6 +80,7 @@ class PackedPairWeight:
     chunk: int
     step: float
     dtype: torch.dtype
+    esc_tile_max: int = 0  # most escaped pairs in one row tile (bounds the kernel's escape batches)
 
     @property
     def device(self) -> torch.device:
@@ -155,12 +154,13 @@ def pack_pair_weight(
     val = (lanes.esc_v0.long() & 0xFFFF) | (lanes.esc_v1.long() << 16)
     val = torch.where(val >= 1 << 31, val - (1 << 32), val)
     device = torch.device(device) if device is not None else index.device
+    per_tile = (lanes.esc_off[1:] - lanes.esc_off[:-1]).view(-1, _cdiv(_cdiv(cols, GROUP_K), chunk)).sum(1)
     return PackedPairWeight(
         words=words, chunk_base=lanes.chunk_base, counts=lanes.counts, table=torch.from_numpy(code.table()),
         mult=(scales.double() * float(step)).float(), scales=scales, esc_off=lanes.esc_off,
         esc_pos=pos.to(torch.int32), esc_val=val.to(torch.int32), code_pairs=torch.from_numpy(code.pairs),
         code_lengths=torch.from_numpy(code.lengths), out_features=rows, in_features=cols, chunk=chunk,
-        step=float(step), dtype=dtype,
+        step=float(step), dtype=dtype, esc_tile_max=int(per_tile.max()) if per_tile.numel() else 0,
     ).to(device)  # fmt: skip
 
 
@@ -218,6 +218,10 @@ _LOOKUP_ASM = (
 )
 """One lookup: outputs (a, hi, lo, nb); inputs (hi, lo, nb). The entry's low byte is the code length, so wrap-mode
 funnel shifts use the entry as it is (shift mod 32), and ``nb - e`` is right in its low 7 bits."""
+_ESC_DECL = _CONSTEXPR(".shared .align 16 .b8 hfoq_pair_esc[8192];\n\tmov.u32 $0, hfoq_pair_esc;")
+"""Escape sums: a 16-row x 8-batch-row fp32 table per warp (16 warps at most)."""
+_ST_ZERO = _CONSTEXPR("st.shared.b32 [$1], 0;\n\tmov.u32 $0, 0;")
+_RED_ADD = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p red.shared.add.f32 [$1], $2; mov.u32 $0, 0; }")
 _PF_L1 = _CONSTEXPR("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }")
 _PAIR_LOOKUP_BF16 = _CONSTEXPR(_LOOKUP_ASM.replace("HB", "0x43"))
 _PAIR_LOOKUP_F16 = _CONSTEXPR(_LOOKUP_ASM.replace("HB", "0x64"))
@@ -272,12 +276,11 @@ def _prefetch_l1(ptr, ok):
     tl.inline_asm_elementwise(_PF_L1, "=r,l,r", [ptr, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def _open_unit(w_ptr, base_ptr, cnt_ptr, unit, lane, NW: tl.constexpr, CH: tl.constexpr, PF: tl.constexpr):
-    """A lane's decoder state at the start of ``unit``: bit buffer ``(hi, lo, nb)``, word queue ``(q0, q1)`` and the
-    index of its next word (the lane's words start after those of the lanes before it)."""
-    cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
+def _open_unit(w_ptr, cnt, base, lane, NW: tl.constexpr, CH: tl.constexpr, PF: tl.constexpr):
+    """A lane's decoder state at the start of a unit (its lanes' word counts ``cnt``, first word ``base``): bit buffer
+    ``(hi, lo, nb)``, word queue ``(q0, q1)`` and the index of its next word (after those of the lanes before it)."""
     cnt2 = tl.reshape(cnt, [NW, 32])
-    start = tl.load(base_ptr + unit) + tl.reshape(tl.cumsum(cnt2, axis=1) - cnt2, [32 * NW])
+    start = base + tl.reshape(tl.cumsum(cnt2, axis=1) - cnt2, [32 * NW])
     ptr = w_ptr + start
     if PF:  # the lane's words into L1 first: a refill then waits ~L1 latency, not DRAM's
         for li in tl.static_range((6 * CH + 31) // 32 + 1):
@@ -310,43 +313,77 @@ def _fill_pair_table(tab_ptr, t, NT: tl.constexpr):
     tl.debug_barrier()
 
 
-def _escapes(acc0, acc1, acc2, acc3, x_ptr, esc_off_ptr, esc_pos_ptr, esc_val_ptr, lo_unit, hi_unit, g, m0, M,
-             stride_xm, mine):  # fmt: skip
-    """Add the escaped pairs of units [lo_unit, hi_unit) of this lane's tile to its accumulators (lanes ``mine``)."""
-    e_lo = tl.load(esc_off_ptr + lo_unit)
-    e_hi = tl.load(esc_off_ptr + hi_unit)
-    n_e = tl.max(e_hi - e_lo, 0)
-    for i in range(0, n_e):
-        e = e_lo + i
-        ok = mine & (e < e_hi)
-        pos = tl.load(esc_pos_ptr + e, mask=ok, other=0)
-        val = tl.load(esc_val_ptr + e, mask=ok, other=0)
-        v0 = ((val & 0xFFFF) ^ 0x8000) - 0x8000
-        v1 = val >> 16
-        r = pos & 15
-        col = pos >> 4
-        hit = ok & ((r % 8) == g)
-        xa = x_ptr + m0.to(tl.int64) * stride_xm + col
-        ma = hit & (m0 < M)
-        mb = hit & (m0 + 1 < M)
-        ca = (v0 * tl.load(xa, mask=ma, other=0.0).to(tl.float32)
-              + v1 * tl.load(xa + 1, mask=ma, other=0.0).to(tl.float32))  # fmt: skip
-        cb = (v0 * tl.load(xa + stride_xm, mask=mb, other=0.0).to(tl.float32)
-              + v1 * tl.load(xa + stride_xm + 1, mask=mb, other=0.0).to(tl.float32))  # fmt: skip
-        top = r < 8
-        acc0 += tl.where(top, ca, 0.0)
-        acc1 += tl.where(top, cb, 0.0)
-        acc2 += tl.where(top, 0.0, ca)
-        acc3 += tl.where(top, 0.0, cb)
-    return acc0, acc1, acc2, acc3
+def _escape_sums(pos, val, ok, x_ptr, pid_m, M, stride_xm, g, c, warp, esc_smem, NW: tl.constexpr,
+                 MR: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One escaped pair per lane (where ``ok``) summed into the accumulator slots of its row's lanes: returns the four
+    sums that belong to this lane (rows ``g`` / ``g + 8`` of the tile, batch rows ``m0`` / ``m0 + 1``).
+
+    GPU: ``red.shared.add`` into a warp-private 16 x 8 table (``esc_smem``: :func:`_escape_table`), then each lane
+    reads its four slots; the interpreter sums the same contributions by comparing slots across the warp's lanes."""
+    v0 = (((val & 0xFFFF) ^ 0x8000) - 0x8000).to(tl.float32)
+    v1 = (val >> 16).to(tl.float32)
+    row16 = pos & 15
+    col = pos >> 4
+    own = g * 8 + 2 * c  # this lane's slot for (row g, batch row m0); + 1: m0 + 1; + 64: row g + 8
+    s0 = tl.zeros(ok.shape, dtype=tl.float32)
+    s1, s2, s3 = s0, s0, s0
+    if ASM:
+        mine = esc_smem + warp * 512 + own * 4
+        for o in tl.static_range(4):  # zero this lane's four slots
+            tl.inline_asm_elementwise(_ST_ZERO, "=r,r", [mine + 4 * (o % 2) + 256 * (o // 2)], dtype=tl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+        _warp_sync(ok)
+        base = mine - own * 4
+    for mm in tl.static_range(MR):
+        m = pid_m * 8 + mm + 0 * col  # (full shape: the interpreter's bool & scalar-bool gives int32)
+        okm = ok & (m < M)
+        xp = x_ptr + m.to(tl.int64) * stride_xm + col
+        xv = v0 * tl.load(xp, mask=okm, other=0.0).to(tl.float32) + v1 * tl.load(xp + 1, mask=okm, other=0.0).to(
+            tl.float32)  # fmt: skip
+        slot = row16 * 8 + mm
+        if ASM:
+            tl.inline_asm_elementwise(_RED_ADD, "=r,r,f,r", [base + slot * 4, xv, okm.to(tl.int32)], dtype=tl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+        else:
+            cw = tl.reshape(tl.where(okm, xv, 0.0), [NW, 32, 1])
+            sw = tl.reshape(slot, [NW, 32, 1])
+            s0 += tl.reshape(tl.sum(tl.where(sw == tl.reshape(own, [NW, 1, 32]), cw, 0.0), axis=1), [32 * NW])
+            s1 += tl.reshape(tl.sum(tl.where(sw == tl.reshape(own + 1, [NW, 1, 32]), cw, 0.0), axis=1), [32 * NW])
+            s2 += tl.reshape(tl.sum(tl.where(sw == tl.reshape(own + 64, [NW, 1, 32]), cw, 0.0), axis=1), [32 * NW])
+            s3 += tl.reshape(tl.sum(tl.where(sw == tl.reshape(own + 65, [NW, 1, 32]), cw, 0.0), axis=1), [32 * NW])
+    if ASM:
+        _warp_sync(ok)
+        s0 = tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [mine], dtype=tl.float32, is_pure=False,
+                                       pack=1)  # fmt: skip
+        s1 = tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [mine + 4], dtype=tl.float32,
+                                       is_pure=False, pack=1)  # fmt: skip
+        s2 = tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [mine + 256], dtype=tl.float32,
+                                       is_pure=False, pack=1)  # fmt: skip
+        s3 = tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [mine + 260], dtype=tl.float32,
+                                       is_pure=False, pack=1)  # fmt: skip
+        _warp_sync(ok)  # the slots are zeroed again by the next batch
+    return s0, s1, s2, s3
+
+
+def _escape_table():
+    """Shared-memory address of the escape sums (declared once per kernel)."""
+    decl = tl.inline_asm_elementwise(_ESC_DECL, "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                                     pack=1)  # fmt: skip
+    return tl.sum(decl, 0)
+
+
+def _warp_sync(like):
+    """``bar.warp.sync``: the warp's shared-memory writes before it are visible to its lanes after it."""
+    tl.inline_asm_elementwise("bar.warp.sync -1;\n\tmov.u32 $0, 0;", "=r,r", [like.to(tl.int32)], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
 
 
 def _pair_gemv_kernel(
     x_ptr, w_ptr, base_ptr, cnt_ptr, tab_ptr, mult_ptr, y_ptr, ws_ptr, tick_ptr, esc_off_ptr, esc_pos_ptr,
-    esc_val_ptr, M, N, K, stride_xm, stride_ym, n_tiles, n_chunks, n_groups, n_split, bias,
+    esc_val_ptr, M, N, K, stride_xm, stride_ym, n_tiles, n_chunks, n_groups, n_split, bias, esc_batches,
     CH: tl.constexpr, NW: tl.constexpr, KW: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
     SPLIT: tl.constexpr, ROW_MULT: tl.constexpr, HAS_ESC: tl.constexpr, ONES: tl.constexpr, PF: tl.constexpr,
-    ILP: tl.constexpr,
+    MR: tl.constexpr,
 ):  # fmt: skip
     # One element per thread: element 32 w + l of every [NT] tensor is lane l of warp w.  The program owns
     # RT = NW / KW row tiles and chunks [h_lo, h_hi); the KW warps of a tile take consecutive slices.
@@ -373,59 +410,62 @@ def _pair_gemv_kernel(
     x_a = x_ptr + m_a.to(tl.int64) * stride_xm + 16 * c
     ok_a = m_a < M
     ones = tl.full([NT], ONES, tl.int32)
-    if ASM:
-        _fill_pair_table(tab_ptr, t, NT)
-    zero = tl.zeros([NT], dtype=tl.float32)
-    acc0, acc1, acc2, acc3 = zero, zero, zero, zero
-    sum0, sum1, sum2, sum3 = zero, zero, zero, zero
-    for i in range(0, per, ILP):  # ILP consecutive chunks decoded side by side: independent lookup chains
-        h_a = h0 + i
-        ok_ha = tile_ok & (h_a < h_end)
-        st_a = _open_unit(w_ptr, base_ptr, cnt_ptr, tile_c * n_chunks + tl.minimum(h_a, n_chunks - 1), lane, NW, CH, PF)
-        hi, lo, nb, q0, q1, nxt = st_a
-        if ILP == 2:
-            h_b = h_a + 1
-            ok_hb = tile_ok & (h_b < h_end)
-            st_b = _open_unit(w_ptr, base_ptr, cnt_ptr, tile_c * n_chunks + tl.minimum(h_b, n_chunks - 1), lane, NW,
-                              CH, PF)  # fmt: skip
-            hi2, lo2, nb2, r0, r1, nxt2 = st_b
-        for q in range(0, CH):
-            kq = (h_a * CH + q) * 64
-            p0, p1, p2, p3 = _xfrag(x_a, kq, ok_a & ok_ha & (kq + 16 * c < K), ASM)
-            if ILP == 2:
-                kq2 = (h_b * CH + q) * 64
-                u0, u1, u2, u3 = _xfrag(x_a, kq2, ok_a & ok_hb & (kq2 + 16 * c < K), ASM)
-            for j in tl.static_range(4):
-                a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt = _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, F16,
-                                                                      ASM)  # fmt: skip
-                if ILP == 2:
-                    e0, e1, e2, e3, hi2, lo2, nb2, r0, r1, nxt2 = _decode_k16(hi2, lo2, nb2, r0, r1, nxt2, w_ptr,
-                                                                              tab_ptr, F16, ASM)  # fmt: skip
-                b = _pick(j, p0, p1, p2, p3)
-                acc0, acc1, acc2, acc3 = _mma(a0, a1, a2, a3, b, acc0, acc1, acc2, acc3, NW, F16, ASM)
-                sum0, sum1, sum2, sum3 = _mma(ones, ones, ones, ones, b, sum0, sum1, sum2, sum3, NW, F16, ASM)
-                if ILP == 2:
-                    b2 = _pick(j, u0, u1, u2, u3)
-                    acc0, acc1, acc2, acc3 = _mma(e0, e1, e2, e3, b2, acc0, acc1, acc2, acc3, NW, F16, ASM)
-                    sum0, sum1, sum2, sum3 = _mma(ones, ones, ones, ones, b2, sum0, sum1, sum2, sum3, NW, F16, ASM)
-    acc0 -= bias * sum0
-    acc1 -= bias * sum1
-    acc2 -= bias * sum2
-    acc3 -= bias * sum3
-    # outputs: lane (g, c) holds rows row_a / row_a + 8, batch rows m0 / m0 + 1
-    row_a = tile * 16 + g
-    m0 = pid_m * 8 + 2 * c
+    row_a = tile * 16 + g  # outputs: lane (g, c) holds rows row_a / row_a + 8, batch rows 8 pid_m + 2 c (+ 1)
+    # Loads whose latency would otherwise sit at the start or end of the work, issued before the table fill: the
+    # first unit's word counts and base, the first 32 escaped pairs of the warp's units, the row multipliers.
+    unit = tile_c * n_chunks + tl.minimum(h0, n_chunks - 1)
+    cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
+    base = tl.load(base_ptr + unit)
     if HAS_ESC:
-        lo_u = tile_c * n_chunks + tl.minimum(h0, n_chunks)
-        hi_u = tile_c * n_chunks + tl.minimum(tl.minimum(h0 + per, h_hi), n_chunks)
-        acc0, acc1, acc2, acc3 = _escapes(acc0, acc1, acc2, acc3, x_ptr, esc_off_ptr, esc_pos_ptr, esc_val_ptr,
-                                          lo_u, hi_u, g, m0, M, stride_xm, tile_ok)  # fmt: skip
+        e_lo = tl.load(esc_off_ptr + tile_c * n_chunks + tl.minimum(h0, n_chunks))
+        e_hi = tl.load(esc_off_ptr + tile_c * n_chunks + tl.minimum(h_end, n_chunks))
+        e_ok = tile_ok & (e_lo + lane < e_hi)
+        pos = tl.load(esc_pos_ptr + e_lo + lane, mask=e_ok, other=0)
+        val = tl.load(esc_val_ptr + e_lo + lane, mask=e_ok, other=0)
     if ROW_MULT:
         sa = tl.load(mult_ptr + row_a, mask=row_a < N, other=0.0)
         sb = tl.load(mult_ptr + row_a + 8, mask=row_a + 8 < N, other=0.0)
     else:
         sa = tl.load(mult_ptr + row_a * 0)
         sb = sa
+    esc_smem = 0
+    if ASM:
+        _fill_pair_table(tab_ptr, t, NT)
+        if HAS_ESC:
+            esc_smem = _escape_table()
+    zero = tl.zeros([NT], dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = zero, zero, zero, zero
+    sum0, sum1, sum2, sum3 = zero, zero, zero, zero
+    for i in range(0, per):
+        h = h0 + i
+        h_ok = tile_ok & (h < h_end)
+        hi, lo, nb, q0, q1, nxt = _open_unit(w_ptr, cnt, base, lane, NW, CH, PF)
+        unit = tile_c * n_chunks + tl.minimum(h + 1, n_chunks - 1)  # the next unit's counts, during this one
+        cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
+        base = tl.load(base_ptr + unit)
+        for q in range(0, CH):
+            kq = (h * CH + q) * 64
+            p0, p1, p2, p3 = _xfrag(x_a, kq, ok_a & h_ok & (kq + 16 * c < K), ASM)
+            for j in tl.static_range(4):
+                a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt = _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, F16,
+                                                                      ASM)  # fmt: skip
+                b = _pick(j, p0, p1, p2, p3)
+                acc0, acc1, acc2, acc3 = _mma(a0, a1, a2, a3, b, acc0, acc1, acc2, acc3, NW, F16, ASM)
+                sum0, sum1, sum2, sum3 = _mma(ones, ones, ones, ones, b, sum0, sum1, sum2, sum3, NW, F16, ASM)
+    acc0 -= bias * sum0
+    acc1 -= bias * sum1
+    acc2 -= bias * sum2
+    acc3 -= bias * sum3
+    if HAS_ESC:  # escaped pairs decoded as 0: add them, 32 per lane batch
+        warp = t // 32
+        for bt in range(0, esc_batches):
+            if bt > 0:
+                e_ok = tile_ok & (e_lo + 32 * bt + lane < e_hi)
+                pos = tl.load(esc_pos_ptr + e_lo + 32 * bt + lane, mask=e_ok, other=0)
+                val = tl.load(esc_val_ptr + e_lo + 32 * bt + lane, mask=e_ok, other=0)
+            s0, s1, s2, s3 = _escape_sums(pos, val, e_ok, x_ptr, pid_m, M, stride_xm, g, c, warp, esc_smem, NW,
+                                          MR, ASM)  # fmt: skip
+            acc0, acc1, acc2, acc3 = acc0 + s0, acc1 + s1, acc2 + s2, acc3 + s3
     acc0, acc1, acc2, acc3 = acc0 * sa, acc1 * sa, acc2 * sb, acc3 * sb
     lane_o = tl.arange(0, 32)[None, :]
     row_o = (pid_n * RT + tl.arange(0, RT)[:, None]) * 16 + lane_o // 4
@@ -442,7 +482,8 @@ def _pair_gemv_kernel(
             tl.atomic_xchg(tick_ptr + tile_id, 0)
 
 
-_HELPERS = ("_check", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table", "_escapes")
+_HELPERS = ("_check", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table", "_escape_sums",
+            "_escape_table", "_warp_sync")
 _PLAIN = {**_lm._PLAIN, **jit_helpers(globals(), _HELPERS)}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -458,16 +499,6 @@ def _kernel(fn, interpret: bool):
 # --------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _set_carveout(function: int, percent: int) -> None:
-    """Ask the driver for ``percent`` of the SM's unified memory as shared memory for ``function`` (a hint)."""
-    import ctypes
-
-    err = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), 9, ctypes.c_int(percent))
-    if err:  # 9: CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-        raise RuntimeError(f"cuFuncSetAttribute(carve-out {percent}%) failed with CUDA error {err}")
-
-
 def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: bool, split_k: int | None,
           config: dict | None):  # fmt: skip
     m, k = x2.shape
@@ -478,14 +509,11 @@ def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: boo
     kw = cfg["KW"] if cfg["KW"] is not None else nw
     if kw not in (1, 2, 4, 8, 16) or nw % kw:
         raise ValueError(f"config KW={kw!r} must be a power of two that divides NW={nw}")
-    ilp = cfg["ILP"]
-    if ilp not in (1, 2):
-        raise ValueError(f"config ILP must be 1 or 2, got {ilp!r}")
     m_tiles = _cdiv(m, 8)
     row_progs = _cdiv(p.n_tiles, nw // kw)
     nch = p.n_chunks
     if split_k is None:
-        split_k = _cdiv(nch, kw * ilp) if not interpret else 1
+        split_k = _cdiv(nch, kw) if not interpret else 1
         if x2.device.type == "cuda":
             split_k = max(1, min(split_k, _choose_split(row_progs * m_tiles, nch, x2.device, per_sm=cfg["PER_SM"])))
     split = max(1, min(int(split_k), nch))
@@ -496,12 +524,11 @@ def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: boo
     args = dict(x_ptr=x2, w_ptr=p.words, base_ptr=p.chunk_base, cnt_ptr=p.counts, tab_ptr=p.table, mult_ptr=p.mult,
                 y_ptr=y, ws_ptr=ws, tick_ptr=cnt, esc_off_ptr=p.esc_off, esc_pos_ptr=p.esc_pos, esc_val_ptr=p.esc_val,
                 M=m, N=p.out_features, K=k, stride_xm=x2.stride(0), stride_ym=y.stride(0), n_tiles=p.n_tiles,
-                n_chunks=nch, n_groups=p.n_groups, n_split=split, bias=_BIAS[torch.float16 if f16 else torch.bfloat16])
+                n_chunks=nch, n_groups=p.n_groups, n_split=split, bias=_BIAS[torch.float16 if f16 else torch.bfloat16],
+                esc_batches=_cdiv(p.esc_tile_max, 32))
     meta = dict(CH=p.chunk, NW=nw, KW=kw, F16=f16, ASM=not interpret, SPLIT=split > 1, ROW_MULT=p.mult.numel() > 1,
                 HAS_ESC=p.num_escapes > 0, ONES=_ONES[torch.float16 if f16 else torch.bfloat16],
-                PF=bool(cfg["PF"]) and not interpret, ILP=ilp, num_warps=nw, num_stages=1)
-    if cfg["REG"] is not None and not interpret:
-        meta["maxnreg"] = int(cfg["REG"])
+                PF=bool(cfg["PF"]) and not interpret, MR=min(m, 8), num_warps=nw, num_stages=1)
     return args, meta, (row_progs, m_tiles, split)
 
 
@@ -528,8 +555,5 @@ def pair_linear(x: torch.Tensor, p: PackedPairWeight, *, path: str | None = None
     y = torch.empty((m, n), dtype=xin.dtype, device=x2.device)
     interpret = _interpret_mode()
     args, meta, grid = _plan(xin, p, y, interpret, split_k, config)
-    compiled = _kernel(_pair_gemv_kernel, interpret)[grid](*args.values(), **meta)
-    carve = dict(PAIR_DEFAULT, **(config or {}))["CARVE"]
-    if carve is not None and not interpret:
-        _set_carveout(compiled.function, int(carve))
+    _kernel(_pair_gemv_kernel, interpret)[grid](*args.values(), **meta)
     return y.to(x.dtype).reshape(*lead, n)
