@@ -446,6 +446,8 @@ def _pair_gemv_kernel(
         for q in range(0, CH):
             kq = (h * CH + q) * 64
             p0, p1, p2, p3 = _xfrag(x_a, kq, ok_a & h_ok & (kq + 16 * c < K), ASM)
+            if PF:  # the next group's activations into L1 (the first mma of a group waited on them)
+                _prefetch_l1(x_a + kq + 64, ok_a & h_ok & (kq + 64 + 16 * c < K))
             for j in tl.static_range(4):
                 a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt = _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, F16,
                                                                       ASM)  # fmt: skip
@@ -499,6 +501,16 @@ def _kernel(fn, interpret: bool):
 # --------------------------------------------------------------------------------------
 
 
+def _auto_kw(p: PackedPairWeight, nw: int, device: torch.device) -> int:
+    """Warps per row tile: half the program where tiles are many (>= 16 per SM: fewer, longer programs) or rows long
+    (>= 16 chunks: fewer K slices), else all of it (H100, RESULTS.md section 6, session 10)."""
+    if device.type != "cuda":
+        return nw
+    sms = _lm._num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    many = p.n_tiles >= 16 * sms or p.n_chunks >= 16
+    return max(nw // 2, 1) if many else nw
+
+
 def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: bool, split_k: int | None,
           config: dict | None):  # fmt: skip
     m, k = x2.shape
@@ -506,7 +518,7 @@ def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: boo
     nw = cfg["NW"]
     if nw not in (1, 2, 4, 8, 16):
         raise ValueError(f"config NW must be 1, 2, 4, 8 or 16, got {nw!r}")
-    kw = cfg["KW"] if cfg["KW"] is not None else nw
+    kw = cfg["KW"] if cfg["KW"] is not None else _auto_kw(p, nw, x2.device)
     if kw not in (1, 2, 4, 8, 16) or nw % kw:
         raise ValueError(f"config KW={kw!r} must be a power of two that divides NW={nw}")
     m_tiles = _cdiv(m, 8)
