@@ -163,7 +163,7 @@ def pack_grid_weight(
     ``layout="prefix"`` (default): the indices re-coded with the prefix code of
     :mod:`hf_optquant.coding.prefix` (several weights per table lookup: 2-3x faster GEMV than
     rANS on an H100 for ~0.1 b/p more GPU memory; RESULTS.md section 6). ``layout="pairs"``: the
-    pair code of :mod:`hf_optquant.coding.pairs` and the tensor-core GEMV of :mod:`.pair_mma` (0.7-1.2x
+    pair code of :mod:`hf_optquant.coding.pairs` and the tensor-core GEMV of :mod:`.pair_mma` (0.85-1.33x
     the prefix layout's speed on the H100, RESULTS.md section 6; in-features a multiple of 16). ``layout="rans"``: the
     rANS GPU row layout described below.
 
