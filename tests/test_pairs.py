@@ -25,7 +25,6 @@ from hf_optquant.coding.pairs import (
     encode_pair_lanes,
     entry_values,
     lane_pairs,
-    lane_streams,
 )
 from hf_optquant.formats import TensorFormat
 from hf_optquant.formats.block import Scaling
@@ -74,8 +73,8 @@ def test_lanes_round_trip_and_bitwise_decoding(rng, n, k, chunk) -> None:
     # one lane decoded bit by bit with the canonical codes (independent of the table and decode_pair_lanes)
     u, lane = int(rng.integers(units)), int(rng.integers(32))
     counts = lanes.counts.long().view(units, 32)
-    streams = lane_streams(lanes, torch.from_numpy(code.table()), units, chunk)  # the warp interleave undone
-    words = streams[u, lane, : int(counts[u, lane])]
+    start = int(lanes.chunk_base[u]) + int(counts[u, :lane].sum())
+    words = lanes.words[start : start + int(counts[u, lane])].long() & 0xFFFFFFFF
     bits = "".join(f"{int(w):032b}" for w in words)
     by_code = {(int(code.lengths[s]), int(c)): s for s, c in enumerate(canonical_codes(code.lengths))}
     syms, acc, ln = [], 0, 0

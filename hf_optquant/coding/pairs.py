@@ -16,14 +16,9 @@ Rows in tiles of 16, K in groups of 64 (zero-padded), groups in chunks of ``chun
 ``l = 4 g + c`` of (tile ``t``, chunk ``h``) codes, for each group ``q`` of the chunk, k16 step ``j < 4``
 and register ``r < 4``, the pair at row ``16 t + g + 8 (r & 1)`` and columns
 ``k = 64 q + 16 c + 4 j + 2 (r >> 1) + {0, 1}`` -- ``16`` pairs per group.  Its codes are concatenated
-MSB-first into 32-bit words (``counts[t, h, l]``, uint8, per lane).  A unit's words start at ``chunk_base[t, h]``
-and are stored *in the order a warp's decoder asks for them* (warp-interleaved), so every refill of the warp
-reads one or two consecutive cache lines: first each lane's words 0, 1, 2, 3 (round by round, lanes in order,
-a lane taking part while it has words left), then, at decoder check ``c`` (before lookups ``2c`` and ``2c + 1``),
-the next word of every lane whose bit buffer ran low -- lane ``l`` takes its word ``w >= 4`` at the first check
-with ``S_c >= 32 (w - 3)``, ``S_c`` being the bits of its codes before lookup ``2c`` -- lanes in order.  (A decoder
-holding 64 bits plus two words ahead, refilled by 32 bits whenever it holds <= 32, does exactly that.)  Four
-zero words pad the end (decoders read ahead).
+MSB-first into 32-bit words; the lanes' words are stored one lane after the other, lanes in (tile, chunk,
+lane) order, with ``chunk_base[t, h]`` the first word of lane 0 and ``counts[t, h, l]`` (uint8) each
+lane's word count.  Four zero words pad the end (decoders read ahead).
 
 Table (int32, 4096 entries, indexed by the next 12 bits): ``len | b0 << 8 | b1 << 16`` with
 ``b = index + 64`` (both values in ``[-64, 63]``) and ``len`` the code length (1-12).  The escape
@@ -192,8 +187,7 @@ def encode_pair_lanes(index: torch.Tensor, code: PairCode, chunk: int) -> PairLa
     words.scatter_add_(0, w, torch.where(ln > 0, first, 0))
     words.scatter_add_(0, w + 1, second)
     words = words[:total]
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    words = words[_interleave(lengths, lane_words, lane_start.view(lane_words.shape))].to(torch.int32)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     words = torch.cat([words, torch.zeros(PAD_WORDS, dtype=torch.int32, device=dev)])
     unit_words = lane_words.sum(-1)
     chunk_base = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), torch.cumsum(unit_words, 0)])
@@ -209,79 +203,25 @@ def encode_pair_lanes(index: torch.Tensor, code: PairCode, chunk: int) -> PairLa
                      er[order].to(i32), ec[order].to(i32), ev[:, 0].to(i32), ev[:, 1].to(i32))  # fmt: skip
 
 
-def refill_steps(lengths: torch.Tensor, lane_words: torch.Tensor) -> torch.Tensor:
-    """``int64 [units, 32, W]``: the decoder step at which each lane word is read (-4..-1: the four opening rounds;
-    ``c >= 0``: check ``c``), ``2**40`` past a lane's words. ``lengths``: ``[units, 32, L]`` code lengths."""
-    before = torch.cumsum(lengths, -1) - lengths
-    bits_at_check = before[..., 0::2].contiguous()  # checks precede lookups 0, 2, 4, ...
-    width = int(lane_words.max()) if lane_words.numel() else 0
-    w = torch.arange(width, device=lengths.device)
-    need = (32 * (w - 3)).clamp_min(0).expand(*lane_words.shape, width).contiguous()
-    step = torch.where(w < 4, w - 4, torch.searchsorted(bits_at_check, need))
-    return torch.where(w < lane_words.unsqueeze(-1), step, 1 << 40)
-
-
-def _interleave(lengths: torch.Tensor, lane_words: torch.Tensor, lane_start: torch.Tensor) -> torch.Tensor:
-    """Source index (in lane-after-lane order) of every word of the warp-interleaved order (module docstring)."""
-    units = lane_words.shape[0]
-    step = refill_steps(lengths, lane_words)
-    valid = step < 1 << 40
-    n_steps = lengths.shape[-1] // 2 + 4
-    unit = torch.arange(units, device=step.device).view(-1, 1, 1)
-    lane = torch.arange(32, device=step.device).view(1, -1, 1)
-    key = ((unit * n_steps + step + 4) * 32 + lane)[valid]
-    src = (lane_start.unsqueeze(-1) + torch.arange(step.shape[-1], device=step.device))[valid]
-    return src[torch.argsort(key)]
-
-
 def decode_pair_lanes(lanes: PairLanes, table: torch.Tensor, n_units: int, chunk: int) -> torch.Tensor:
-    """The table entries of every lane pair, ``int64 [units, 32, 16 * chunk]``, read by bit position from each
-    lane's words (:func:`lane_streams`). Pairs of padding groups decode whatever bits follow."""
-    return _read_lanes(lanes, table, n_units, chunk)[0]
-
-
-def lane_streams(lanes: PairLanes, table: torch.Tensor, n_units: int, chunk: int) -> torch.Tensor:
-    """``int64 [units, 32, W]``: each lane's words back in its own order (undoing the warp interleave needs the
-    code lengths, so this decodes too)."""
-    return _read_lanes(lanes, table, n_units, chunk)[1]
-
-
-def _read_lanes(lanes: PairLanes, table: torch.Tensor, n_units: int, chunk: int):
-    """A decoder independent of the kernels' bit buffer: every lane reads its codes by bit position from a
-    per-lane copy of its words, taking words off the unit's interleaved stream by the rule of the module
-    docstring (lane ``l`` needs word ``w`` once ``4 + bits // 32 > w``)."""
+    """The table entries of every lane pair, ``int64 [units, 32, 16 * chunk]``, read by bit position (a decoder
+    independent of the kernels' bit buffer). Pairs of padding groups decode whatever bits follow."""
     dev = lanes.words.device
     words = lanes.words.to(torch.int64) & 0xFFFFFFFF
+    words = torch.cat([words, torch.zeros(2, dtype=torch.int64, device=dev)])
     counts = lanes.counts.to(torch.int64).view(n_units, 32)
-    width = int(counts.max()) + 2 if counts.numel() else 2
-    stream = torch.zeros(n_units, 32, width, dtype=torch.int64, device=dev)
-    taken = torch.zeros(n_units, 32, dtype=torch.int64, device=dev)
-    head = lanes.chunk_base[:-1].to(torch.int64).to(dev)  # next unread word of each unit
-    unit_ix = torch.arange(n_units, device=dev).view(-1, 1).expand(n_units, 32)
-    lane_ix = torch.arange(32, device=dev).view(1, -1).expand(n_units, 32)
-
-    def take(want: torch.Tensor) -> None:
-        want = want & (taken < counts)
-        rank = torch.cumsum(want.long(), 1) - want.long()
-        src = (head.view(-1, 1) + rank).clamp(max=words.numel() - 1)
-        stream[unit_ix[want], lane_ix[want], taken[want]] = words[src[want]]
-        taken.add_(want.long())
-        head.add_(want.long().sum(1))
-
-    for r in range(4):
-        take(counts > r)
+    start = lanes.chunk_base[:-1].to(torch.int64).view(-1, 1) + torch.cumsum(counts, 1) - counts
+    pos = (start * 32).reshape(-1)
+    limit = words.numel() - 2
     tab = table.to(dev).to(torch.int64)
-    pos = torch.zeros(n_units, 32, dtype=torch.int64, device=dev)
-    out = torch.empty((n_units, 32, chunk * PAIRS_PER_GROUP), dtype=torch.int64, device=dev)
+    out = torch.empty((pos.numel(), chunk * PAIRS_PER_GROUP), dtype=torch.int64, device=dev)
     for step in range(chunk * PAIRS_PER_GROUP):
-        if step % 2 == 0:  # a check: lanes whose buffer runs low take their next word
-            take(4 + pos // 32 > taken)
-        w = (pos >> 5).clamp(max=width - 2)
-        window = (stream.gather(2, w.unsqueeze(-1)) << 32 | stream.gather(2, w.unsqueeze(-1) + 1)).squeeze(-1)
+        w = (pos >> 5).clamp(max=limit)
+        window = (words[w] << 32) | words[w + 1]
         e = tab[(window >> (52 - (pos & 31))) & 0xFFF]
-        out[..., step] = e
+        out[:, step] = e
         pos = pos + (e & 15)
-    return out, stream[..., : width - 2]
+    return out.view(n_units, 32, -1)
 
 
 def entry_values(entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

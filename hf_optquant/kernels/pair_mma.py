@@ -30,6 +30,7 @@ import torch
 
 from ..coding.pairs import (
     GROUP_K,
+    MAX_CHUNK,
     TILE_ROWS,
     PairCode,
     build_pair_code,
@@ -55,7 +56,7 @@ GEMV_MAX_M = 16
 #: H100 sweep (RESULTS.md section 6, session 9): 8 warps beat 4 with 8-group chunks on three of the four 8B shapes;
 #: the L1 prefetch gained 4-19%.
 PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True, "REG": None}
-_EXTRA_PAD = 320  # words past the data that the rolling L1 prefetch may touch (it runs 256 words ahead)
+_EXTRA_PAD = 6 * MAX_CHUNK * 16 // 16  # words a warp may read past its data in a partial last chunk
 _BIAS = {torch.bfloat16: 192.0, torch.float16: 1088.0}  # value of byte 0 of the table in the A fragment
 _ONES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}
 
@@ -204,17 +205,14 @@ def decode_pair_weight(p: PackedPairWeight, dtype: torch.dtype | None = None) ->
 _CONSTEXPR = tl.constexpr if HAS_TRITON else str
 _PAIR_TABLE_DECL = _CONSTEXPR(".shared .align 16 .b8 hfoq_pair_tbl[16384];\n\tmov.u32 $0, hfoq_pair_tbl;")
 _PAIR_CHECK = _CONSTEXPR(
-    "{ .reg .pred p, w; .reg .b32 t, u, s, m, r, n; .reg .b64 a; and.b32 t, $9, 127; setp.le.u32 p, t, 32;"
-    " shr.b32 u, $10, t; or.b32 $0, $7, u; sub.u32 s, 32, t; shl.b32 u, $10, s; or.b32 $1, $8, u;"
-    " selp.b32 u, 32, 0, p; add.u32 $2, t, u; selp.b32 $3, $11, $10, p; setp.gt.and.s32 w, $12, 0, p;"
-    " vote.sync.ballot.b32 m, w, 0xffffffff; and.b32 r, m, $14; popc.b32 r, r; popc.b32 n, m; add.u32 r, r, $13;"
-    " mad.wide.u32 a, r, 4, $15; mov.b32 $4, $11; @w ld.global.nc.b32 $4, [a]; selp.b32 u, 1, 0, w;"
-    " sub.s32 $5, $12, u; add.u32 $6, $13, n; }"
+    "{ .reg .pred p; .reg .b32 t, u, s, one; .reg .b64 a; and.b32 t, $8, 127; setp.le.u32 p, t, 32;"
+    " shr.b32 u, $9, t; or.b32 $0, $6, u; sub.u32 s, 32, t; shl.b32 u, $9, s; or.b32 $1, $7, u;"
+    " selp.b32 u, 32, 0, p; add.u32 $2, t, u; selp.b32 $3, $10, $9, p; mov.b32 $4, $10;"
+    " mad.wide.u32 a, $11, 4, $12; @p ld.global.nc.b32 $4, [a]; selp.b32 one, 1, 0, p; add.u32 $5, $11, one; }"
 )
-"""One check: outputs (hi, lo, nb, q0, q1, left, head); inputs the same, the lane's ``%lanemask_lt`` and the words'
-base address. ``nb`` arrives with garbage above bit 6 (lookups subtract whole entries) and leaves clean. Shifts by
->= 32 give 0 in PTX, so the merge needs no predicate. Lanes that refill and have words ``left`` take the next
-words of the warp's stream at ``head``, in lane order (ballot + popc): one or two cache lines per warp."""
+"""One check: outputs (hi, lo, nb, q0, q1, next); inputs the same and the words' base address. ``nb`` arrives with
+garbage above bit 6 (lookups subtract whole entries) and leaves clean. Shifts by >= 32 give 0 in PTX, so the merge
+needs no predicate: a buffer with more than 32 bits gets nothing."""
 _LOOKUP_ASM = (
     "{ .reg .b32 i, e, c; mov.u32 c, hfoq_pair_tbl; shr.u32 i, $4, 20; mad.lo.u32 i, i, 4, c; ld.shared.b32 e, [i];"
     " shf.l.wrap.b32 $1, $5, $4, e; shf.l.wrap.b32 $2, 0, $5, e; sub.s32 $3, $6, e; prmt.b32 $0, e, HB, 0x4241; }"
@@ -230,14 +228,12 @@ _PAIR_LOOKUP_BF16 = _CONSTEXPR(_LOOKUP_ASM.replace("HB", "0x43"))
 _PAIR_LOOKUP_F16 = _CONSTEXPR(_LOOKUP_ASM.replace("HB", "0x64"))
 
 
-def _check(hi, lo, nb, q0, q1, left, head, lanes_below, w_ptr, NW: tl.constexpr, ASM: tl.constexpr):
-    """Refill the bit buffer from the word queue where it holds <= 32 bits; the refilling lanes that have words
-    ``left`` load their next word from the warp's stream at ``head`` (advanced by the number taken)."""
+def _check(hi, lo, nb, q0, q1, nxt, w_ptr, ASM: tl.constexpr):
+    """Refill the bit buffer from the word queue where it holds <= 32 bits (``nxt``: index of the next word)."""
     if ASM:
-        hi, lo, nb, q0, q1, left, head = tl.inline_asm_elementwise(
-            _PAIR_CHECK, "=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,l",
-            [hi, lo, nb, q0, q1, left, head, lanes_below, w_ptr + 0 * head], dtype=(tl.int32,) * 7, is_pure=False,
-            pack=1)  # fmt: skip
+        hi, lo, nb, q0, q1, nxt = tl.inline_asm_elementwise(
+            _PAIR_CHECK, "=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,l", [hi, lo, nb, q0, q1, nxt, w_ptr + 0 * nxt],
+            dtype=(tl.int32,) * 6, is_pure=False, pack=1)  # fmt: skip
     else:
         p = nb <= 32
         b = (hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)
@@ -246,21 +242,10 @@ def _check(hi, lo, nb, q0, q1, left, head, lanes_below, w_ptr, NW: tl.constexpr,
         lo = b.to(tl.int32)
         nb = tl.where(p, nb + 32, nb)
         q0n = tl.where(p, q1, q0)
-        want = p & (left > 0)
-        rank, taken = _warp_rank(want, NW)
-        q1 = tl.where(want, tl.load(w_ptr + head + rank, mask=want, other=0), q1)
-        left = left - want.to(tl.int32)
-        head = head + taken
+        q1 = tl.where(p, tl.load(w_ptr + nxt, mask=p, other=0), q1)
+        nxt = tl.where(p, nxt + 1, nxt)
         q0 = q0n
-    return hi, lo, nb, q0, q1, left, head
-
-
-def _warp_rank(want, NW: tl.constexpr):
-    """(lanes of the warp before this one that ``want``, lanes of the warp that ``want``), per lane."""
-    w2 = tl.reshape(want.to(tl.int32), [NW, 32])
-    rank = tl.reshape(tl.cumsum(w2, axis=1) - w2, [32 * NW])
-    total = tl.reshape(tl.broadcast_to(tl.sum(w2, axis=1)[:, None], [NW, 32]), [32 * NW])
-    return rank, total
+    return hi, lo, nb, q0, q1, nxt
 
 
 def _lookup(hi, lo, nb, tab_ptr, F16: tl.constexpr, ASM: tl.constexpr):
@@ -292,39 +277,28 @@ def _prefetch_l1(ptr, ok):
     tl.inline_asm_elementwise(_PF_L1, "=r,l,r", [ptr, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def _open_unit(w_ptr, cnt, base, lane, NW: tl.constexpr, PF: tl.constexpr):
+def _open_unit(w_ptr, cnt, base, lane, NW: tl.constexpr, CH: tl.constexpr, PF: tl.constexpr):
     """A lane's decoder state at the start of a unit (its lanes' word counts ``cnt``, first word ``base``): bit buffer
-    ``(hi, lo, nb)``, word queue ``(q0, q1)``, words ``left`` and the warp's stream ``head``. The opening reads
-    the lanes' words 0-3, round by round, lanes in order."""
-    if PF:  # the unit's first 8 lines into L1 (the rolling prefetch in the group loop keeps ahead after that)
-        _prefetch_l1(w_ptr + base + 32 * (lane % 8), lane < 8)
-    head = base
-    rank, taken = _warp_rank(cnt > 0, NW)
-    hi = tl.load(w_ptr + head + rank, mask=cnt > 0, other=0)
-    head += taken
-    rank, taken = _warp_rank(cnt > 1, NW)
-    lo = tl.load(w_ptr + head + rank, mask=cnt > 1, other=0)
-    head += taken
-    rank, taken = _warp_rank(cnt > 2, NW)
-    q0 = tl.load(w_ptr + head + rank, mask=cnt > 2, other=0)
-    head += taken
-    rank, taken = _warp_rank(cnt > 3, NW)
-    q1 = tl.load(w_ptr + head + rank, mask=cnt > 3, other=0)
-    head += taken
+    ``(hi, lo, nb)``, word queue ``(q0, q1)`` and the index of its next word (after those of the lanes before it)."""
+    cnt2 = tl.reshape(cnt, [NW, 32])
+    start = base + tl.reshape(tl.cumsum(cnt2, axis=1) - cnt2, [32 * NW])
+    ptr = w_ptr + start
+    if PF:  # the lane's words into L1 first: a refill then waits ~L1 latency, not DRAM's
+        for li in tl.static_range((6 * CH + 31) // 32 + 1):
+            _prefetch_l1(ptr + 32 * li, 32 * li < cnt + 4)
     nb = tl.full([32 * NW], 64, tl.int32)
-    return hi, lo, nb, q0, q1, tl.maximum(cnt - 4, 0), head
+    return tl.load(ptr), tl.load(ptr + 1), nb, tl.load(ptr + 2), tl.load(ptr + 3), start + 4
 
 
-def _decode_k16(hi, lo, nb, q0, q1, left, head, lanes_below, w_ptr, tab_ptr, NW: tl.constexpr, F16: tl.constexpr,
-                ASM: tl.constexpr):  # fmt: skip
+def _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, F16: tl.constexpr, ASM: tl.constexpr):
     """The four A-fragment registers of one k16 step (two checks, four lookups) and the advanced state."""
-    hi, lo, nb, q0, q1, left, head = _check(hi, lo, nb, q0, q1, left, head, lanes_below, w_ptr, NW, ASM)
+    hi, lo, nb, q0, q1, nxt = _check(hi, lo, nb, q0, q1, nxt, w_ptr, ASM)
     a0, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
     a1, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
-    hi, lo, nb, q0, q1, left, head = _check(hi, lo, nb, q0, q1, left, head, lanes_below, w_ptr, NW, ASM)
+    hi, lo, nb, q0, q1, nxt = _check(hi, lo, nb, q0, q1, nxt, w_ptr, ASM)
     a2, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
     a3, hi, lo, nb = _lookup(hi, lo, nb, tab_ptr, F16, ASM)
-    return a0, a1, a2, a3, hi, lo, nb, q0, q1, left, head
+    return a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt
 
 
 def _fill_pair_table(tab_ptr, t, NT: tl.constexpr):
@@ -437,7 +411,6 @@ def _pair_gemv_kernel(
     x_a = x_ptr + m_a.to(tl.int64) * stride_xm + 16 * c
     ok_a = m_a < M
     ones = tl.full([NT], ONES, tl.int32)
-    lanes_below = (1 << lane) - 1  # %lanemask_lt
     row_a = tile * 16 + g  # outputs: lane (g, c) holds rows row_a / row_a + 8, batch rows 8 pid_m + 2 c (+ 1)
     # Loads whose latency would otherwise sit at the start or end of the work, issued before the table fill: the
     # first unit's word counts and base, the first 32 escaped pairs of the warp's units, the row multipliers.
@@ -467,19 +440,18 @@ def _pair_gemv_kernel(
     for i in range(0, per):
         h = h0 + i
         h_ok = tile_ok & (h < h_end)
-        hi, lo, nb, q0, q1, left, head = _open_unit(w_ptr, cnt, base, lane, NW, PF)
+        hi, lo, nb, q0, q1, nxt = _open_unit(w_ptr, cnt, base, lane, NW, CH, PF)
         unit = tile_c * n_chunks + tl.minimum(h + 1, n_chunks - 1)  # the next unit's counts, during this one
         cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
         base = tl.load(base_ptr + unit)
         for q in range(0, CH):
             kq = (h * CH + q) * 64
             p0, p1, p2, p3 = _xfrag(x_a, kq, ok_a & h_ok & (kq + 16 * c < K), ASM)
-            if PF:  # the next group's activations, and the words ~a group ahead, into L1
+            if PF:  # the next group's activations into L1 (the first mma of a group waited on them)
                 _prefetch_l1(x_a + kq + 64, ok_a & h_ok & (kq + 64 + 16 * c < K))
-                _prefetch_l1(w_ptr + head + 128 + 32 * lane, lane < 4)
             for j in tl.static_range(4):
-                a0, a1, a2, a3, hi, lo, nb, q0, q1, left, head = _decode_k16(
-                    hi, lo, nb, q0, q1, left, head, lanes_below, w_ptr, tab_ptr, NW, F16, ASM)
+                a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt = _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, F16,
+                                                                      ASM)  # fmt: skip
                 b = _pick(j, p0, p1, p2, p3)
                 acc0, acc1, acc2, acc3 = _mma(a0, a1, a2, a3, b, acc0, acc1, acc2, acc3, NW, F16, ASM)
                 sum0, sum1, sum2, sum3 = _mma(ones, ones, ones, ones, b, sum0, sum1, sum2, sum3, NW, F16, ASM)
@@ -513,8 +485,8 @@ def _pair_gemv_kernel(
             tl.atomic_xchg(tick_ptr + tile_id, 0)
 
 
-_HELPERS = ("_check", "_warp_rank", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table",
-            "_escape_sums", "_escape_table", "_warp_sync")
+_HELPERS = ("_check", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table", "_escape_sums",
+            "_escape_table", "_warp_sync")
 _PLAIN = {**_lm._PLAIN, **jit_helpers(globals(), _HELPERS)}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
