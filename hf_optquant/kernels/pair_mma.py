@@ -50,12 +50,11 @@ __all__ = ["PackedPairWeight", "decode_pair_weight", "pack_pair_weight", "pair_l
 
 GEMV_MAX_M = 16
 """Largest batch served by the fused decode-GEMV (programs of 8 rows); above: decode + matmul."""
-#: Launch defaults: warps per program, warps sharing one row tile (each takes a slice of its chunks; None: all),
-#: ``PF``: prefetch each lane's words into L1 at the start of a chunk (GPU only); ``REG``: registers per thread at most
-#: (ptxas ``maxnreg``: more resident warps; None: ptxas' choice).
-#: H100 sweep (RESULTS.md section 6, session 9): 8 warps beat 4 with 8-group chunks on three of the four 8B shapes;
-#: the L1 prefetch gained 4-19%.
-PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True, "REG": None}
+#: Launch defaults: warps per program, warps sharing one row tile (each takes a slice of its chunks; None: by shape,
+#: :func:`_auto_kw`), ``PF``: prefetch each lane's words into L1 at the start of a chunk (GPU only).
+#: H100 sweeps (RESULTS.md section 6, sessions 9-10): 8 warps beat 4 with 8-group chunks on three of the four 8B
+#: shapes; the L1 prefetch gained 4-19%; register caps for more resident warps were slower (L1 holds fewer streams).
+PAIR_DEFAULT = {"NW": 8, "KW": None, "PER_SM": 2, "PF": True}
 _EXTRA_PAD = 6 * MAX_CHUNK * 16 // 16  # words a warp may read past its data in a partial last chunk
 _BIAS = {torch.bfloat16: 192.0, torch.float16: 1088.0}  # value of byte 0 of the table in the A fragment
 _ONES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}
@@ -542,8 +541,6 @@ def _plan(x2: torch.Tensor, p: PackedPairWeight, y: torch.Tensor, interpret: boo
     meta = dict(CH=p.chunk, NW=nw, KW=kw, F16=f16, ASM=not interpret, SPLIT=split > 1, ROW_MULT=p.mult.numel() > 1,
                 HAS_ESC=p.num_escapes > 0, ONES=_ONES[torch.float16 if f16 else torch.bfloat16],
                 PF=bool(cfg["PF"]) and not interpret, MR=min(m, 8), num_warps=nw, num_stages=1)
-    if cfg["REG"] is not None and not interpret:
-        meta["maxnreg"] = int(cfg["REG"])
     return args, meta, (row_progs, m_tiles, split)
 
 
