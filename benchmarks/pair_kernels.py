@@ -60,7 +60,8 @@ def layer(n: int, k: int, bits: float, device, gen, batches: tuple, configs: lis
                 row[f"pair_cfg{ci}_error"] = repr(exc)[:300]
     del w_ref
     EK.log(n, k, f"H {row['entropy']:.3f} gpu {row['gpu_bpp']:.3f} b/p exact {row['index_exact']}",
-           f"err {row['rel_err_m1']:.2e}/{row['rel_err_m5']:.2e}/{row['rel_err_m16']:.2e} encode {row['encode_s']:.2f}s")  # fmt: skip
+           f"err {row['rel_err_m1']:.2e}/{row['rel_err_m5']:.2e}/{row['rel_err_m16']:.2e}",
+           f"encode {row['encode_s']:.2f}s")  # fmt: skip
     copies = EK.copies_for(p.nbytes)
     ps = [p] + [EK.clone_packed(p) for _ in range(copies - 1)]
     wb = [torch.empty((n, k), dtype=torch.bfloat16, device=device).normal_(generator=gen) for _ in range(

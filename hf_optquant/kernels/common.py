@@ -3,6 +3,7 @@ strict interpreted launch."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -20,8 +21,40 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "StrictLaunch", "cdiv", "interpret_mode", "interpreted", "jit_helpers", "jit_or_interpret",
-           "linear_input", "scratch_weight", "tl", "triton", "use_triton"]
+__all__ = ["HAS_TRITON", "DeviceTensors", "StrictLaunch", "cdiv", "grid_dequantise", "interpret_mode", "interpreted",
+           "jit_helpers", "jit_or_interpret", "linear_input", "scratch_weight", "tl", "triton", "use_triton"]
+
+
+class DeviceTensors:
+    """Mixin for the frozen dataclasses that hold a packed weight: its tensor fields, the bytes they hold on the
+    device and a copy on another device. ``HOST_ONLY`` names tensor fields that are metadata for reference decoders
+    (not counted in ``nbytes``)."""
+
+    HOST_ONLY: tuple[str, ...] = ()
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device by the tensors the kernels read."""
+        return sum(t.numel() * t.element_size() for k, t in self._tensors().items() if k not in self.HOST_ONLY)
+
+    def to(self, device):
+        """The same weight with every tensor on ``device``."""
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
+
+
+def grid_dequantise(index: torch.Tensor, step: float, scales: torch.Tensor, rows: torch.Tensor | None = None):
+    """The grid format's weights, ``float32(index * step) * scale`` (float32). ``scales`` holds one value or one per
+    row; ``index`` is ``[N, K]``, or 1-D scattered weights whose rows are ``rows``."""
+    scales = scales.to(index.device).float()
+    if scales.numel() == 1:
+        scale = scales.reshape(())
+    else:
+        scale = scales[rows.to(index.device)] if rows is not None else scales.reshape(-1, 1)
+    return (index.double() * step).float() * scale
 
 
 def cdiv(a: int, b: int) -> int:

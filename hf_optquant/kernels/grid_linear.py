@@ -57,7 +57,7 @@ from ..coding.layout import GPU_WINDOW, GROUP_LANES, MAX_SEGMENTS, PROB_SCALE, H
 from ..coding.stream import decode_symbols, encode_tensors, lane_last_reads
 from ..formats.grid import GridElement
 from ..formats.tensor import EncodedTensor, TensorFormat
-from .common import HAS_TRITON, jit_or_interpret, linear_input, scratch_weight, tl, use_triton
+from .common import HAS_TRITON, DeviceTensors, jit_or_interpret, linear_input, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .prefix_linear import PackedPrefixWeight, decode_prefix_weight, escape_weights, pack_prefix_weight, prefix_linear
@@ -88,7 +88,7 @@ _ASM = int(os.environ.get("HF_OPTQUANT_GRID_ASM", "1"))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PackedGridWeight:
+class PackedGridWeight(DeviceTensors):
     """Kernel-ready form of a grid-coded ``[N, K]`` weight (see the module docstring)."""
 
     table: torch.Tensor  # int32 [4096]: freq << 20 | (value + 128) << 12 | bias
@@ -122,17 +122,6 @@ class PackedGridWeight:
     def num_escapes(self) -> int:
         return self.esc_val.numel()
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held on the device (the kernels read payload, states, offsets and table)."""
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
-
-    def to(self, device) -> PackedGridWeight:
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
 
 def grid_supported(fmt: TensorFormat) -> bool:
@@ -715,17 +704,11 @@ def grid_linear(x: torch.Tensor, packed: PackedGridWeight, *, path: str | None =
         w = scratch_weight(packed.device, n, k, x2.dtype)
         _launch(packed, MODE_DENSE, w)
         if packed.num_escapes:
-            w[packed.esc_row.long(), packed.esc_col.long()] = _escape_weights(packed, x2.dtype)
+            w[packed.esc_row.long(), packed.esc_col.long()] = escape_weights(packed, x2.dtype)
         return (x2 @ w.T).reshape(*lead, n)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     _launch(packed, MODE_GEMV, y, x2)
     return y.reshape(*lead, n)
-
-
-def _escape_weights(packed: PackedGridWeight, dtype: torch.dtype) -> torch.Tensor:
-    rows = packed.esc_row.long()
-    scale = packed.scales[rows] if packed.scales.numel() > 1 else packed.scales.expand(rows.numel())
-    return ((packed.esc_val.double() * packed.step).float() * scale).to(dtype)
 
 
 def _is_pairs(packed) -> bool:

@@ -15,6 +15,7 @@ import torch
 from ..coding.errors import CorruptStreamError
 from ..coding.layout import Geometry
 from ..coding.rans import decode_lanes
+from .common import grid_dequantise
 
 __all__ = ["decode_reference", "grid_linear_reference"]
 
@@ -47,8 +48,7 @@ def grid_linear_reference(x: torch.Tensor, packed, dtype: torch.dtype = torch.fl
     w = w.to(dtype)
     if packed.num_escapes:
         rows, cols = packed.esc_row.long().cpu(), packed.esc_col.long().cpu()
-        scale = packed.scales.cpu()[rows] if packed.scales.numel() > 1 else packed.scales.cpu().expand(rows.numel())
         w = w.cpu()
-        w[rows, cols] = ((packed.esc_val.cpu().double() * packed.step).float() * scale).to(dtype)
+        w[rows, cols] = grid_dequantise(packed.esc_val.cpu(), packed.step, packed.scales, rows=rows).to(dtype)
         w = w.to(x.device)
     return (x.to(dtype) @ w.to(x.device).T)

@@ -40,7 +40,7 @@ from ..coding.pairs import (
     lane_positions,
 )
 from . import lut_mma as _lm
-from .common import HAS_TRITON, interpreted, jit_helpers, linear_input, tl, use_triton
+from .common import HAS_TRITON, DeviceTensors, grid_dequantise, interpreted, jit_helpers, linear_input, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .lut_linear import _choose_split, _workspace
@@ -61,8 +61,10 @@ _ONES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PackedPairWeight:
+class PackedPairWeight(DeviceTensors):
     """Kernel-ready pair-coded ``[N, K]`` grid weight (layout: :mod:`hf_optquant.coding.pairs`)."""
+
+    HOST_ONLY = ("code_pairs", "code_lengths")  # the code, for the reference decoder
 
     words: torch.Tensor  # int32 [W + pad]
     chunk_base: torch.Tensor  # int32 [units + 1]
@@ -102,18 +104,6 @@ class PackedPairWeight:
     def num_escapes(self) -> int:
         return self.esc_pos.numel()
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}  # fmt: skip
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held on the device (code tables excluded: host-side metadata for the reference decoder)."""
-        skip = ("code_pairs", "code_lengths")
-        return sum(t.numel() * t.element_size() for k, t in self._tensors().items() if k not in skip)
-
-    def to(self, device) -> PackedPairWeight:
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
 
 CHUNK_GROUPS = 8
@@ -190,11 +180,7 @@ def pair_reference_index(p: PackedPairWeight) -> torch.Tensor:
 def decode_pair_weight(p: PackedPairWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense ``[N, K]`` weight (float32 ``index * step * scale``, then ``dtype``) on ``p``'s device."""
     dtype = p.dtype if dtype is None else dtype
-    index = pair_reference_index(p)
-    w = (index.double() * p.step).float()
-    scale = p.scales.to(w.device)
-    w = w * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
-    return w.to(dtype)
+    return grid_dequantise(pair_reference_index(p), p.step, p.scales).to(dtype)
 
 
 # --------------------------------------------------------------------------------------

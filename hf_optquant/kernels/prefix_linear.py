@@ -47,7 +47,16 @@ from ..coding.prefix import (
     lookup_table,
 )
 from ..coding.table import build_code_table
-from .common import HAS_TRITON, jit_or_interpret, linear_input, scratch_weight, tl, use_triton
+from .common import (
+    HAS_TRITON,
+    DeviceTensors,
+    grid_dequantise,
+    jit_or_interpret,
+    linear_input,
+    scratch_weight,
+    tl,
+    use_triton,
+)
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 
@@ -64,7 +73,7 @@ ASM = True  # inline PTX (shared-memory table, warp ballot) on GPUs; False: port
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PackedPrefixWeight:
+class PackedPrefixWeight(DeviceTensors):
     """Kernel-ready prefix-coded ``[N, K]`` grid weight (see the module docstring)."""
 
     table: torch.Tensor  # int32 [4096] lookup entries
@@ -103,18 +112,6 @@ class PackedPrefixWeight:
     @property
     def geometry(self) -> Geometry:
         return Geometry(self.out_features * self.in_features, max(self.in_features, 1), self.seg)
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held on the device."""
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
-
-    def to(self, device) -> PackedPrefixWeight:
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
     def lookup(self) -> LookupTable:
         """The decode table rebuilt from the code lengths (for the torch reference decoder)."""
@@ -228,9 +225,7 @@ def decode_prefix_reference(packed: PackedPrefixWeight) -> tuple[torch.Tensor, t
     index = dec.index.reshape(n, k)
     vbytes = packed.value_bytes.to(torch.int64).to(index.device)
     value = torch.where(vbytes[index] == 0, 0, vbytes[index] - 128)
-    w = (value.double() * packed.step).float()
-    scale = packed.scales.to(index.device)
-    return index, w * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+    return index, grid_dequantise(value, packed.step, packed.scales)
 
 
 # --------------------------------------------------------------------------------------
@@ -520,9 +515,7 @@ def _launch(packed: PackedPrefixWeight, mode: int, out: torch.Tensor, x: torch.T
 
 def escape_weights(packed, dtype: torch.dtype) -> torch.Tensor:
     """The escaped weights of a packed grid weight (either layout) in ``dtype``, clamped to its range."""
-    rows = packed.esc_row.long()
-    scale = packed.scales[rows] if packed.scales.numel() > 1 else packed.scales.expand(rows.numel())
-    w = (packed.esc_val.double() * packed.step).float() * scale
+    w = grid_dequantise(packed.esc_val, packed.step, packed.scales, rows=packed.esc_row.long())
     if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(torch.float32).max:
         w = w.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
     return w.to(dtype)
