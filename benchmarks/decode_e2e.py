@@ -59,6 +59,7 @@ from entropy_kernels import (  # noqa: E402
 
 from hf_optquant.coding.stream import encode_tensors  # noqa: E402
 from hf_optquant.kernels import grid_linear as G  # noqa: E402
+from hf_optquant.kernels import pair_mma as PM  # noqa: E402
 from hf_optquant.kernels import prefix_linear as PL  # noqa: E402
 
 CFG = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256,
@@ -337,14 +338,17 @@ def grid_from_bf16(lin: dict, cfg, bits: float, rule: str, distinct: int, device
             else:  # same bytes as an earlier layer, in its own memory
                 packed.append(clone_packed(packed[j % distinct]))
                 continue
-            if layout == "prefix":
+            form = G.layout_for(k, device) if layout == "auto" else layout
+            if form == "pairs":
+                packed.append(PM.pack_pair_weight(enc["idx"], enc["scales"], enc["step"], torch.bfloat16, device))
+            elif form == "prefix":
                 packed.append(PL.pack_prefix_weight(enc["idx"], enc["scales"], enc["step"], torch.bfloat16, device))
             else:
                 packed.append(G.pack_grid_stream(enc["tensors"], enc["scales"], enc["step"], (n, k), torch.bfloat16,
                                                  device))  # fmt: skip
         stored = 8 * sum(t.numel() * t.element_size() for t in first["tensors"].values()) + 16 * n
         p0 = packed[0]
-        info[p] = dict(shape=[n, k], seg=p0.seg, step=first["step"], bits=first["bits"], layout=layout,
+        info[p] = dict(shape=[n, k], seg=getattr(p0, "seg", None), step=first["step"], bits=first["bits"], layout=form,
                        gpu_bits=8 * p0.nbytes / (n * k), stored_bits_layer0=stored,
                        escapes_layer0=p0.num_escapes)  # fmt: skip
         if p == "lm_head":
@@ -352,7 +356,7 @@ def grid_from_bf16(lin: dict, cfg, bits: float, rule: str, distinct: int, device
         else:
             out[p] = [GridLinear(q) for q in packed]
         log(
-            f"grid {p} {n}x{k} {layout} S={p0.seg} stored {first['bits']:.3f} b/p, on the GPU "
+            f"grid {p} {n}x{k} {form} S={info[p]['seg']} stored {first['bits']:.3f} b/p, on the GPU "
             f"{info[p]['gpu_bits']:.3f} b/p, {len(mods)} tensors, {time.time() - t0:.0f}s"
         )
     return out, info
@@ -368,7 +372,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--variants", nargs="+", default=["bf16", "lut4", "grid"])
-    ap.add_argument("--grid-layout", choices=("prefix", "rans"), default="prefix")
+    ap.add_argument("--grid-layout", choices=("auto", "prefix", "pairs", "rans"), default="prefix")
     ap.add_argument("--compile", action="store_true", help="torch.compile the glue between the linear layers")
     ap.add_argument("--sdpa", action="store_true", help="attention via F.scaled_dot_product_attention")
     ap.add_argument("--pdl-glue", action="store_true",

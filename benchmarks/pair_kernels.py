@@ -26,11 +26,12 @@ import entropy_kernels as EK  # noqa: E402
 
 from hf_optquant.kernels import pair_mma as PM  # noqa: E402
 from hf_optquant.kernels import prefix_linear as PL  # noqa: E402
+from hf_optquant.kernels.common import grid_dequantise  # noqa: E402
 from hf_optquant.kernels.lut_mma import mma_linear  # noqa: E402
 
 
 def layer(n: int, k: int, bits: float, device, gen, batches: tuple, configs: list, prefix: bool,
-          chunks: tuple = ()) -> dict:  # fmt: skip
+          chunks: tuple = (), dense: bool = False) -> dict:  # fmt: skip
     row = dict(shape=[n, k], bits_target=bits)
     w = EK.student_t((n, k), device, gen)
     step = EK.step_for_entropy(w, bits)
@@ -58,6 +59,7 @@ def layer(n: int, k: int, bits: float, device, gen, batches: tuple, configs: lis
                 row[f"pair_cfg{ci}_rel_err_m{m}"] = EK.rel(PM.pair_linear(x, p, path="gemv", config=cfg), ref)
             except Exception as exc:  # noqa: BLE001  (a config the kernel refuses: recorded, the run goes on)
                 row[f"pair_cfg{ci}_error"] = repr(exc)[:300]
+    w_ref32 = grid_dequantise(idx, float(p.step), scales) if dense else None  # the format's dequantisation
     del w_ref
     EK.log(n, k, f"H {row['entropy']:.3f} gpu {row['gpu_bpp']:.3f} b/p exact {row['index_exact']}",
            f"err {row['rel_err_m1']:.2e}/{row['rel_err_m5']:.2e}/{row['rel_err_m16']:.2e}",
@@ -98,6 +100,14 @@ def layer(n: int, k: int, bits: float, device, gen, batches: tuple, configs: lis
         x = torch.randn((1, k), device=device, generator=gen).to(torch.bfloat16)
         row["prefix_us_m1"] = EK.graph_time_us([lambda q=q, x=x: PL.prefix_linear(x, q) for q in pps])
         EK.log(n, k, "prefix", row["prefix_gpu_bpp"], row["prefix_us_m1"])
+        if dense:  # decode to a dense bf16 weight (the path above GEMV_MAX_M rows): pair vs prefix kernel
+            ps = [p] + [EK.clone_packed(p) for _ in range(EK.copies_for(p.nbytes) - 1)]
+            row["pair_dense_exact"] = bool(torch.equal(PM.decode_pair_weight(p, torch.float32), w_ref32))
+            row["pair_decode_us"] = EK.graph_time_us([lambda q=q: PM.decode_pair_weight(q) for q in ps])
+            row["prefix_decode_us"] = EK.graph_time_us([lambda q=q: PL.decode_prefix_weight(q) for q in pps])
+            EK.log(n, k, "dense decode us pair / prefix", row["pair_decode_us"], row["prefix_decode_us"],
+                   "exact", row["pair_dense_exact"])  # fmt: skip
+            del ps
     return row
 
 
@@ -109,6 +119,7 @@ def main() -> None:
     ap.add_argument("--configs", default="[]", help="JSON list of extra pair_mma launch configs to time")
     ap.add_argument("--shapes", default="all", help="'all' or a JSON list of [N, K]")
     ap.add_argument("--no-prefix", action="store_true")
+    ap.add_argument("--dense", action="store_true", help="also time the dense decode kernels (pair vs prefix)")
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="extra chunk lengths (groups) to time at batch 1")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1 (times meaningless)")
     ap.add_argument("--budget", type=float, default=500.0, help="seconds; later shapes are skipped past it")
@@ -124,7 +135,7 @@ def main() -> None:
             if time.time() - EK.T0 > args.budget:
                 EK.log("budget spent, skipping", n, k, bits)
                 continue
-            opts = (tuple(args.batches), json.loads(args.configs), not args.no_prefix, tuple(args.chunks))
+            opts = (tuple(args.batches), json.loads(args.configs), not args.no_prefix, tuple(args.chunks), args.dense)
             res["rows"].append(layer(n, k, bits, device, gen, *opts))
             with open(os.path.join(args.out, "pair_kernels.json"), "w") as f:
                 json.dump(res, f, indent=1)

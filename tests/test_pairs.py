@@ -31,6 +31,7 @@ from hf_optquant.formats.block import Scaling
 from hf_optquant.formats.grid import GridElement
 from hf_optquant.kernels import grid_linear as G
 from hf_optquant.kernels import pair_mma as PM
+from hf_optquant.kernels import prefix_linear as PL
 
 needs_triton = pytest.mark.skipif(not PM.HAS_TRITON, reason="needs triton (its interpreter)")
 
@@ -151,6 +152,23 @@ def test_gemv_with_many_escapes(rng, monkeypatch, m, config) -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("n,k,chunk,channel", [(37, 208, 2, True), (40, 256, 1, False)])
+def test_dense_decode_kernel_is_bit_exact(rng, monkeypatch, n, k, chunk, channel) -> None:
+    """The decode kernel (interpreted) writes float32(index * step) * scale bit for bit, escapes included."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    idx = _indices(rng, n, k)
+    wild = torch.from_numpy(rng.random((n, k)) < 0.03)
+    idx[wild] = torch.from_numpy(rng.integers(65, 900, int(wild.sum())))
+    scales = torch.from_numpy(rng.uniform(0.5, 1.5, n if channel else 1)).float()
+    step = float(rng.uniform(0.005, 0.02))
+    p = PM.pack_pair_weight(idx, scales, step, chunk=chunk)
+    want = (idx.double() * step).float() * (scales.reshape(-1, 1) if channel else scales)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = PM.decode_pair_weight(p, dtype)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
+@needs_triton
 def test_grid_weight_in_the_pair_layout(rng, monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     w = torch.from_numpy(rng.standard_t(5, (40, 192))).float()
@@ -163,6 +181,16 @@ def test_grid_weight_in_the_pair_layout(rng, monkeypatch) -> None:
     x = torch.randn(2, 192).to(torch.bfloat16)
     y = G.grid_linear(x, packed)
     assert float((y.double() - x.double() @ ref.double().T).norm() / (x.double() @ ref.double().T).norm()) < 1e-2
+
+
+def test_auto_layout_rule() -> None:
+    """``layout="auto"``: pairs on a GPU for rows up to 4096 in-features (multiples of 16), else the prefix code."""
+    assert G.layout_for(4096, "cuda") == "pairs" and G.layout_for(1024, torch.device("cuda", 0)) == "pairs"
+    assert G.layout_for(14336, "cuda") == "prefix" and G.layout_for(4104, "cuda") == "prefix"
+    assert G.layout_for(4088, "cuda") == "prefix"  # not a multiple of 16
+    assert G.layout_for(4096, "cpu") == "prefix"
+    fmt = TensorFormat(GridElement(0.3), Scaling("channel", 64, "rms", "bf16"))
+    assert isinstance(G.pack_grid_weight(fmt.encode(torch.randn(16, 64)), layout="auto"), PL.PackedPrefixWeight)
 
 
 def test_bad_inputs_are_refused() -> None:

@@ -179,10 +179,14 @@ def pack_grid_weight(
         raise ValueError(f"stream holds {h.num_symbols} symbols, the weight has {rows} x {cols}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     coded = stream.tensors
-    if layout not in ("prefix", "pairs", "rans"):
-        raise ValueError(f"layout must be 'prefix', 'pairs' or 'rans', got {layout!r}")
-    if layout in ("prefix", "pairs"):
+    if layout not in ("auto", "prefix", "pairs", "rans"):
+        raise ValueError(f"layout must be 'auto', 'prefix', 'pairs' or 'rans', got {layout!r}")
+    if layout in ("auto", "prefix", "pairs"):
         index = _stream_indices(coded, h, device).reshape(rows, cols)
+        if layout == "auto":
+            layout = layout_for(cols, device)
+            if layout == "pairs" and index.numel() and int(index.abs().max()) >= 1 << 15:
+                layout = "prefix"  # indices the pair layout cannot escape
         if layout == "pairs":
             from .pair_mma import pack_pair_weight
 
@@ -193,6 +197,18 @@ def pack_grid_weight(
         seg = chunk_size if chunk_size is not None else gpu_segment(rows, cols)
         coded = encode_tensors(index, chunk_size=seg, row_length=cols, crc=False)
     return pack_grid_stream(coded, scales, fmt.element.step, (rows, cols), encoded.dtype, device)
+
+
+PAIRS_MAX_IN_FEATURES = 4096
+"""``layout="auto"`` takes the pair layout up to this row length: on the H100 its GEMV beat the prefix layout's by
+1.19-1.33x at 4096 in-features and lost (0.85-0.87x) at 14336 (RESULTS.md section 6, session 10)."""
+
+
+def layout_for(in_features: int, device) -> str:
+    """The GPU layout ``pack_grid_weight(layout="auto")`` picks: pairs for rows of at most
+    :data:`PAIRS_MAX_IN_FEATURES` (a multiple of 16) on a GPU, else the prefix code."""
+    cuda = torch.device(device).type == "cuda"
+    return "pairs" if cuda and in_features % 16 == 0 and in_features <= PAIRS_MAX_IN_FEATURES else "prefix"
 
 
 def _row_coded(h: Header, cols: int) -> bool:

@@ -32,6 +32,7 @@ from ..coding.pairs import (
     GROUP_K,
     MAX_CHUNK,
     TILE_ROWS,
+    VALUE_BIAS,
     PairCode,
     build_pair_code,
     decode_pair_lanes,
@@ -71,6 +72,7 @@ class PackedPairWeight(DeviceTensors):
     counts: torch.Tensor  # uint8 [units * 32]
     table: torch.Tensor  # int32 [4096]
     mult: torch.Tensor  # float32 [N] or [1]: step * scale
+    values: torch.Tensor  # float32 [128]: float32((b - 64) * step), the value of table byte b
     scales: torch.Tensor  # float32 [N] or [1]
     esc_off: torch.Tensor  # int32 [units + 1]
     esc_pos: torch.Tensor  # int32 [E]: col << 4 | row % 16 (the pair's first column)
@@ -147,7 +149,9 @@ def pack_pair_weight(
     per_tile = (lanes.esc_off[1:] - lanes.esc_off[:-1]).view(-1, _cdiv(_cdiv(cols, GROUP_K), chunk)).sum(1)
     return PackedPairWeight(
         words=words, chunk_base=lanes.chunk_base, counts=lanes.counts, table=torch.from_numpy(code.table()),
-        mult=(scales.double() * float(step)).float(), scales=scales, esc_off=lanes.esc_off,
+        mult=(scales.double() * float(step)).float(), scales=scales,
+        values=grid_dequantise(torch.arange(-VALUE_BIAS, VALUE_BIAS), float(step), torch.ones(1)),
+        esc_off=lanes.esc_off,
         esc_pos=pos.to(torch.int32), esc_val=val.to(torch.int32), code_pairs=torch.from_numpy(code.pairs),
         code_lengths=torch.from_numpy(code.lengths), out_features=rows, in_features=cols, chunk=chunk,
         step=float(step), dtype=dtype, esc_tile_max=int(per_tile.max()) if per_tile.numel() else 0,
@@ -166,21 +170,40 @@ def pair_reference_index(p: PackedPairWeight) -> torch.Tensor:
     dense = torch.zeros(nt * TILE_ROWS, nch * ch * GROUP_K + 2, dtype=torch.int64, device=ent.device)
     dense[row.reshape(-1), col.reshape(-1)] = v0.reshape(-1)
     dense[row.reshape(-1), col.reshape(-1) + 1] = v1.reshape(-1)
-    if p.num_escapes:
-        unit = torch.repeat_interleave(torch.arange(nt * nch, device=ent.device),
-                                       (p.esc_off[1:] - p.esc_off[:-1]).long().to(ent.device))  # fmt: skip
-        pos, val = p.esc_pos.long().to(ent.device), p.esc_val.long().to(ent.device)
-        r = (unit // nch) * TILE_ROWS + (pos & 15)
-        c = pos >> 4
-        dense[r, c] = ((val & 0xFFFF) ^ 0x8000) - 0x8000
-        dense[r, c + 1] = val >> 16
+    r, c, v0, v1 = _escaped_pairs(p)
+    dense[r, c] = v0
+    dense[r, c + 1] = v1
     return dense[: p.out_features, : p.in_features]
 
 
+def _escaped_pairs(p: PackedPairWeight) -> tuple[torch.Tensor, ...]:
+    """``(row, first column, value 0, value 1)`` int64 of every escaped pair."""
+    unit = torch.repeat_interleave(torch.arange(p.n_tiles * p.n_chunks, device=p.device),
+                                   (p.esc_off[1:] - p.esc_off[:-1]).long())  # fmt: skip
+    pos, val = p.esc_pos.long(), p.esc_val.long()
+    return (unit // p.n_chunks) * TILE_ROWS + (pos & 15), pos >> 4, ((val & 0xFFFF) ^ 0x8000) - 0x8000, val >> 16
+
+
 def decode_pair_weight(p: PackedPairWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense ``[N, K]`` weight (float32 ``index * step * scale``, then ``dtype``) on ``p``'s device."""
+    """The dense ``[N, K]`` weight (float32 ``index * step * scale``, then ``dtype``) on ``p``'s device: the
+    decode kernel where Triton runs, else the torch reference decoder."""
     dtype = p.dtype if dtype is None else dtype
-    return grid_dequantise(pair_reference_index(p), p.step, p.scales).to(dtype)
+    n, k = p.out_features, p.in_features
+    if not (use_triton(p.words) and n and k) or dtype == torch.float64:
+        return grid_dequantise(pair_reference_index(p), p.step, p.scales).to(dtype)
+    out = torch.empty((n, k), dtype=dtype, device=p.device)
+    nw = PAIR_DEFAULT["NW"]
+    interpret = _interpret_mode()
+    units = p.n_tiles * p.n_chunks
+    _kernel(_pair_dense_kernel, interpret)[(_cdiv(units, nw),)](
+        p.words, p.chunk_base, p.counts, p.table, p.values, p.scales, out, n, k, units, p.n_chunks, CH=p.chunk, NW=nw,
+        ASM=not interpret, PF=not interpret, ROW_SCALE=p.scales.numel() > 1, OBF16=dtype == torch.bfloat16,
+        num_warps=nw, num_stages=1)  # fmt: skip
+    if p.num_escapes:
+        r, c, v0, v1 = _escaped_pairs(p)
+        rows = torch.cat([r, r])
+        out[rows, torch.cat([c, c + 1])] = grid_dequantise(torch.cat([v0, v1]), p.step, p.scales, rows=rows).to(dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -470,8 +493,60 @@ def _pair_gemv_kernel(
             tl.atomic_xchg(tick_ptr + tile_id, 0)
 
 
-_HELPERS = ("_check", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table", "_escape_sums",
-            "_escape_table", "_warp_sync")
+def _store_weight(ptr, w, ok, OBF16: tl.constexpr):
+    """Store float32 ``w`` in the output's dtype, bf16 rounded to nearest even by hand (the interpreter truncates)."""
+    if OBF16:
+        u = w.to(tl.uint32, bitcast=True)
+        tl.store(ptr, ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=ok)
+    else:
+        tl.store(ptr, w.to(ptr.dtype.element_ty), mask=ok)
+
+
+def _pair_dense_kernel(
+    w_ptr, base_ptr, cnt_ptr, tab_ptr, vals_ptr, scale_ptr, out_ptr, N, K, n_units, n_chunks,
+    CH: tl.constexpr, NW: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr, ROW_SCALE: tl.constexpr,
+    OBF16: tl.constexpr,
+):  # fmt: skip
+    # One unit (row tile, chunk) per warp; every lane writes its pairs as vals[index + 64] * scale, with
+    # vals = float32(index * step) (the format's dequantisation, bit for bit).
+    NT: tl.constexpr = 32 * NW
+    t = tl.arange(0, NT)
+    lane = t % 32
+    g = lane // 4
+    c = lane % 4
+    unit = tl.program_id(0) * NW + t // 32
+    unit_ok = unit < n_units
+    unit = tl.minimum(unit, n_units - 1)
+    tile = unit // n_chunks
+    h = unit % n_chunks
+    cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
+    base = tl.load(base_ptr + unit)
+    row_a = tile * 16 + g
+    if ROW_SCALE:
+        sa = tl.load(scale_ptr + row_a, mask=row_a < N, other=0.0)
+        sb = tl.load(scale_ptr + row_a + 8, mask=row_a + 8 < N, other=0.0)
+    else:
+        sa = tl.load(scale_ptr + row_a * 0)
+        sb = sa
+    if ASM:
+        _fill_pair_table(tab_ptr, t, NT)
+    hi, lo, nb, q0, q1, nxt = _open_unit(w_ptr, cnt, base, lane, NW, CH, PF)
+    for q in range(0, CH):
+        for j in tl.static_range(4):
+            a0, a1, a2, a3, hi, lo, nb, q0, q1, nxt = _decode_k16(hi, lo, nb, q0, q1, nxt, w_ptr, tab_ptr, False, ASM)
+            for r in tl.static_range(4):
+                a = _pick(r, a0, a1, a2, a3)
+                row = row_a + 8 * (r % 2)
+                col = (h * CH + q) * 64 + 16 * c + 4 * j + 2 * (r // 2)
+                s = _pick(r, sa, sb, sa, sb)
+                ok = unit_ok & (row < N) & (col < K)
+                p = out_ptr + row.to(tl.int64) * K + col
+                _store_weight(p, tl.load(vals_ptr + (a & 255)) * s, ok, OBF16)
+                _store_weight(p + 1, tl.load(vals_ptr + ((a >> 16) & 255)) * s, ok & (col + 1 < K), OBF16)
+
+
+_HELPERS = ("_check", "_store_weight", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table",
+            "_escape_sums", "_escape_table", "_warp_sync")
 _PLAIN = {**_lm._PLAIN, **jit_helpers(globals(), _HELPERS)}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
