@@ -152,7 +152,8 @@ def pack_pair_weight(
         mult=(scales.double() * float(step)).float(), scales=scales,
         values=grid_dequantise(torch.arange(-VALUE_BIAS, VALUE_BIAS), float(step), torch.ones(1)),
         esc_off=lanes.esc_off,
-        esc_pos=pos.to(torch.int32), esc_val=val.to(torch.int32), code_pairs=torch.from_numpy(code.pairs),
+        esc_pos=pos.to(torch.int32), esc_val=val.to(torch.int32),
+        code_pairs=torch.from_numpy(code.pairs),
         code_lengths=torch.from_numpy(code.lengths), out_features=rows, in_features=cols, chunk=chunk,
         step=float(step), dtype=dtype, esc_tile_max=int(per_tile.max()) if per_tile.numel() else 0,
     ).to(device)  # fmt: skip
@@ -177,11 +178,12 @@ def pair_reference_index(p: PackedPairWeight) -> torch.Tensor:
 
 
 def _escaped_pairs(p: PackedPairWeight) -> tuple[torch.Tensor, ...]:
-    """``(row, first column, value 0, value 1)`` int64 of every escaped pair."""
-    unit = torch.repeat_interleave(torch.arange(p.n_tiles * p.n_chunks, device=p.device),
-                                   (p.esc_off[1:] - p.esc_off[:-1]).long())  # fmt: skip
+    """``(row, first column, value 0, value 1)`` int64 of every escaped pair (no host sync: CUDA-graph safe)."""
+    e = torch.arange(p.num_escapes, device=p.device, dtype=p.esc_off.dtype)
+    unit = torch.searchsorted(p.esc_off[1:], e, right=True)  # escapes of unit u: esc_off[u] <= e < esc_off[u + 1]
     pos, val = p.esc_pos.long(), p.esc_val.long()
-    return (unit // p.n_chunks) * TILE_ROWS + (pos & 15), pos >> 4, ((val & 0xFFFF) ^ 0x8000) - 0x8000, val >> 16
+    row = (unit // p.n_chunks) * TILE_ROWS + (pos & 15)
+    return row, pos >> 4, ((val & 0xFFFF) ^ 0x8000) - 0x8000, val >> 16
 
 
 def decode_pair_weight(p: PackedPairWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
