@@ -145,16 +145,17 @@ def _as_2d(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def pack_grid_weight(
-    encoded: EncodedTensor, device=None, *, chunk_size: int | None = None, layout: str = "prefix"
+    encoded: EncodedTensor, device=None, *, chunk_size: int | None = None, layout: str = "auto"
 ) -> PackedGridWeight | PackedPrefixWeight:
     """Validate an encoded grid weight and build its kernel form on ``device``.
 
-    ``layout="prefix"`` (default): the indices re-coded with the prefix code of
-    :mod:`hf_optquant.coding.prefix` (several weights per table lookup: 2-3x faster GEMV than
-    rANS on an H100 for ~0.1 b/p more GPU memory; RESULTS.md section 6). ``layout="pairs"``: the
-    pair code of :mod:`hf_optquant.coding.pairs` and the tensor-core GEMV of :mod:`.pair_mma` (0.85-1.33x
-    the prefix layout's speed on the H100, RESULTS.md section 6; in-features a multiple of 16). ``layout="rans"``: the
-    rANS GPU row layout described below.
+    ``layout="auto"`` (default): ``"pairs"`` on a GPU for rows of up to :data:`PAIRS_MAX_IN_FEATURES`, else
+    ``"prefix"`` (:func:`layout_for`). ``layout="prefix"``: the indices re-coded with the prefix code of
+    :mod:`hf_optquant.coding.prefix` (several weights per table lookup: 2-3x faster GEMV than rANS on an H100 for
+    ~0.1 b/p more GPU memory; RESULTS.md section 6). ``layout="pairs"``: the pair code of
+    :mod:`hf_optquant.coding.pairs`, the tensor-core GEMV and the decode kernel of :mod:`.pair_mma` (GEMV 0.85-1.33x
+    the prefix layout's speed, dense decode 1.4-2.3x, on the H100, RESULTS.md section 6 session 10; in-features a
+    multiple of 16). ``layout="rans"``: the rANS GPU row layout described below.
 
     The stored stream (size first: one lane per 4096 symbols) is transcoded, on ``device``, to
     the GPU row layout (``chunk_size`` symbols per lane, default
