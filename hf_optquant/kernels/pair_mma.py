@@ -17,8 +17,11 @@ four lookups and one ``mma`` per k16 step.  Per lane (inline PTX on GPUs, emulat
 enough for two codes of <= 12 bits.  The table value bytes are biased (``index + 64``, written into a bf16
 ``0x43XX`` = 128 + byte): the kernel accumulates ``sum (i + 192) x`` and a second ``mma`` with an all-ones A
 fragment gives ``sum x``, removed once at the end.  Escaped pairs decode to value 0 and are added from their
-list after the chunk loop.  A warp decodes the lanes of one (row tile, chunk); the warps of a program split the
-tile's chunks (summed through shared memory), programs split K where tiles are few (partials in a workspace).
+list after the chunk loop, 32 at a time (one per lane, summed by output slot in a warp-private shared table).  A
+warp decodes the lanes of one (row tile, chunk); the warps of a program split the tile's chunks (summed through
+shared memory), programs split K where tiles are few (partials in a workspace).  Above :data:`GEMV_MAX_M` rows
+the weight is decoded to a dense buffer by ``_pair_dense_kernel`` (the same decoder, one unit per warp) and
+multiplied by cuBLAS.
 """
 
 from __future__ import annotations
