@@ -473,6 +473,16 @@ def _reduce_out(y_ptr, ws_ptr, m0, row_a, M, N, stride_ym, n_split):
             tl.store(y_ptr + o + r * stride_ym + 8 * h, tot.to(dt), mask=ok)
 
 
+def _program_lanes(pid_n, NW: tl.constexpr, KW: tl.constexpr):
+    """A GEMV program's per-thread indices, its NW warps holding NW // KW row tiles of 16 (KW warps each):
+    ``(t, lane, g, c, tile, kw)`` -- thread, lane, fragment row group ``lane // 4`` and column ``lane % 4``, row
+    tile, and the warp's slot among its tile's KW."""
+    t = tl.arange(0, 32 * NW)
+    lane = t % 32
+    tile = pid_n * (NW // KW) + (t // 32) // KW
+    return t, lane, lane // 4, lane % 4, tile, (t // 32) % KW
+
+
 def _stage(w_lane, x_a, x_b, q, q_hi, kc, tile_ok, ok_a, ok_b, K, MT: tl.constexpr, ASM: tl.constexpr):
     """One group's loads: code words, B fragments of batch tile 0 and (MT = 2) tile 1; zero past ``q_hi``."""
     w0, w1, w2, w3 = _words(w_lane, q, tile_ok & (q < q_hi), ASM)
@@ -505,12 +515,7 @@ def _mma_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    t = tl.arange(0, NT)
-    lane = t % 32
-    g = lane // 4
-    c = lane % 4
-    tile = pid_n * RT + (t // 32) // KW
-    kw = (t // 32) % KW
+    t, lane, g, c, tile, kw = _program_lanes(pid_n, NW, KW)
     tile_ok = tile < n_tiles
     row_a = tile * 16 + g  # rows of a0/d0 (row_a + 8: a1/d2)
     ups = tl.cdiv(n_units, n_split)
@@ -825,6 +830,7 @@ def _mma_dequant_kernel(w_ptr, lut_ptr, s_ptr, o_ptr, N, K, n_groups, lds, SBK: 
 
 _HELPERS = (
     "_words",
+    "_program_lanes",
     "_l2_prefetch",
     "_xfrag",
     "_xquad",

@@ -48,7 +48,18 @@ from .common import HAS_TRITON, DeviceTensors, grid_dequantise, interpreted, jit
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
 from .lut_linear import _choose_split, _workspace
-from .lut_mma import _MMA_BF16, _MMA_F16, _XFRAG_ASM, _kw_sum, _mma, _pick, _reduce_out, _store_out, _xfrag  # noqa: F401
+from .lut_mma import (  # noqa: F401
+    _MMA_BF16,
+    _MMA_F16,
+    _XFRAG_ASM,
+    _kw_sum,
+    _mma,
+    _pick,
+    _program_lanes,
+    _reduce_out,
+    _store_out,
+    _xfrag,
+)
 
 __all__ = ["PackedPairWeight", "decode_pair_weight", "pack_pair_weight", "pair_linear", "pair_chunk"]
 
@@ -406,12 +417,7 @@ def _pair_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    t = tl.arange(0, NT)
-    lane = t % 32
-    g = lane // 4
-    c = lane % 4
-    tile = pid_n * RT + (t // 32) // KW
-    kw = (t // 32) % KW
+    t, lane, g, c, tile, kw = _program_lanes(pid_n, NW, KW)
     tile_ok = tile < n_tiles
     tile_c = tl.minimum(tile, n_tiles - 1)
     cps = tl.cdiv(n_chunks, n_split)
@@ -436,12 +442,7 @@ def _pair_gemv_kernel(
         e_ok = tile_ok & (e_lo + lane < e_hi)
         pos = tl.load(esc_pos_ptr + e_lo + lane, mask=e_ok, other=0)
         val = tl.load(esc_val_ptr + e_lo + lane, mask=e_ok, other=0)
-    if ROW_MULT:
-        sa = tl.load(mult_ptr + row_a, mask=row_a < N, other=0.0)
-        sb = tl.load(mult_ptr + row_a + 8, mask=row_a + 8 < N, other=0.0)
-    else:
-        sa = tl.load(mult_ptr + row_a * 0)
-        sb = sa
+    sa, sb = _row_pair(mult_ptr, row_a, N, ROW_MULT)
     esc_smem = 0
     if ASM:
         _fill_pair_table(tab_ptr, t, NT)
@@ -498,6 +499,17 @@ def _pair_gemv_kernel(
             tl.atomic_xchg(tick_ptr + tile_id, 0)
 
 
+def _row_pair(ptr, row, N, PER_ROW: tl.constexpr):
+    """``(v[row], v[row + 8])`` of a per-row float vector (0 past ``N``), or its one value twice."""
+    if PER_ROW:
+        va = tl.load(ptr + row, mask=row < N, other=0.0)
+        vb = tl.load(ptr + row + 8, mask=row + 8 < N, other=0.0)
+    else:
+        va = tl.load(ptr + row * 0)
+        vb = va
+    return va, vb
+
+
 def _store_weight(ptr, w, ok, OBF16: tl.constexpr):
     """Store float32 ``w`` in the output's dtype, bf16 rounded to nearest even by hand (the interpreter truncates)."""
     if OBF16:
@@ -527,12 +539,7 @@ def _pair_dense_kernel(
     cnt = tl.load(cnt_ptr + unit * 32 + lane).to(tl.int32)
     base = tl.load(base_ptr + unit)
     row_a = tile * 16 + g
-    if ROW_SCALE:
-        sa = tl.load(scale_ptr + row_a, mask=row_a < N, other=0.0)
-        sb = tl.load(scale_ptr + row_a + 8, mask=row_a + 8 < N, other=0.0)
-    else:
-        sa = tl.load(scale_ptr + row_a * 0)
-        sb = sa
+    sa, sb = _row_pair(scale_ptr, row_a, N, ROW_SCALE)
     if ASM:
         _fill_pair_table(tab_ptr, t, NT)
     hi, lo, nb, q0, q1, nxt = _open_unit(w_ptr, cnt, base, lane, NW, CH, PF)
@@ -550,8 +557,8 @@ def _pair_dense_kernel(
                 _store_weight(p + 1, tl.load(vals_ptr + ((a >> 16) & 255)) * s, ok & (col + 1 < K), OBF16)
 
 
-_HELPERS = ("_check", "_store_weight", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16", "_fill_pair_table",
-            "_escape_sums", "_escape_table", "_warp_sync")
+_HELPERS = ("_check", "_row_pair", "_store_weight", "_lookup", "_prefetch_l1", "_open_unit", "_decode_k16",
+            "_fill_pair_table", "_escape_sums", "_escape_table", "_warp_sync")
 _PLAIN = {**_lm._PLAIN, **jit_helpers(globals(), _HELPERS)}
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
