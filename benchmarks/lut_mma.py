@@ -182,7 +182,7 @@ GEMM_CONFIGS = [dict(BM=bm, STAGES=st, num_warps=nw, SPLIT=sp, BT=bt) for bm, st
                  (64, 3, 4, None, 16), (128, 3, 8, None, 16), (128, 4, 8, None, 16), (256, 3, 8, None, 8)]]  # fmt: skip
 
 
-def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
+def gemm_table(device, hbm, shapes, batches, block, gemm_configs=None) -> list[dict]:
     """Large batches: the fused GEMM (every config in GEMM_CONFIGS) vs dequantise + cuBLAS, bf16, tinygemm."""
     out = []
     for case, packs, m, x in cases(device, shapes, batches, block):
@@ -193,7 +193,7 @@ def gemm_table(device, hbm, shapes, batches, block) -> list[dict]:
         if m <= 64:
             rec["gemv_us"] = KB.bench_graph(lambda i, x=x, ps=packs: LM.mma_linear(x, ps[i], path="mma"), case.n_rot)
         rec["gemm"] = []
-        for cfg in GEMM_CONFIGS:
+        for cfg in gemm_configs or GEMM_CONFIGS:
             if cfg["BM"] > 2 * max(m, 16) or (cfg["BM"] < 64 and m > 128):
                 continue
             try:
@@ -263,6 +263,7 @@ def main() -> None:
     ap.add_argument("--gemm-batches", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--config", default=None, help="JSON dict merged into MMA_DEFAULT before the table")
+    ap.add_argument("--gemm-configs", default=None, help="JSON list of config dicts for gemm (default GEMM_CONFIGS)")
     ap.add_argument("--configs", default=None, help="JSON list of config dicts for asweep (default AHEAD_CONFIGS)")
     ap.add_argument("--shapes", nargs="+", default=None, help="NxK layer shapes (default: the 8B-Llama four)")
     args = ap.parse_args()
@@ -307,7 +308,8 @@ def main() -> None:
         res["pdl"] = pdl_table(device, hbm, shapes, args.block)
         save()
     if "gemm" in args.parts:
-        res["gemm"] = gemm_table(device, hbm, shapes, args.gemm_batches, args.block)
+        res["gemm"] = gemm_table(device, hbm, shapes, args.gemm_batches, args.block,
+                                 json.loads(args.gemm_configs) if args.gemm_configs else None)  # fmt: skip
         save()
     if "table" in args.parts:
         res["table"] = table(device, hbm, shapes, args.batches, args.block)

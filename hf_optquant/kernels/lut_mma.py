@@ -99,7 +99,7 @@ DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 DEQUANT16_CONFIG = {"BT": 8, "GQ": 4, "num_warps": 4}
 #: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program (None: 64 up to 64 rows, else
 #: 128), STAGES groups in flight, SPLIT K slices (None: :func:`gemm_split`) -- the H100 sweep's best at 64-256 rows.
-GEMM_DEFAULT = {"BT": 8, "BM": None, "STAGES": 3, "num_warps": 4, "SPLIT": None}
+GEMM_DEFAULT = {"BT": 8, "BM": None, "STAGES": 3, "num_warps": 4, "SPLIT": None, "TMA": False, "WS": False}
 GEMM_PROGRAMS_PER_SM, GEMM_MIN_GROUPS = 1, 16
 TILE_ROWS, GROUP_K = 16, 64
 
@@ -768,8 +768,14 @@ def _mma_gemm_kernel(
             xt, w0, w1 = xt.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
         acc0 = tl.dot(xt, tl.trans(w0), acc0)
         acc1 = tl.dot(xt, tl.trans(w1), acc1)
-    ok0 = m_ok[:, None] & (row0 < N)[None, :]
-    ok1 = m_ok[:, None] & (row0 + 8 < N)[None, :]
+    _gemm_store(acc0, acc1, y_ptr, ws_ptr, m, row0, M, N, stride_ym, SPLIT)
+
+
+def _gemm_store(acc0, acc1, y_ptr, ws_ptr, m, row0, M, N, stride_ym, SPLIT: tl.constexpr):
+    """The GEMM's two accumulator tiles (rows ``m`` of y, features ``row0`` and ``row0 + 8``) to y in its dtype, or
+    as fp32 partial sums of K slice ``program_id(2)`` to the workspace (``SPLIT``)."""
+    ok0 = (m < M)[:, None] & (row0 < N)[None, :]
+    ok1 = (m < M)[:, None] & (row0 + 8 < N)[None, :]
     if SPLIT:
         part = ws_ptr + tl.program_id(2).to(tl.int64) * M * N + m.to(tl.int64)[:, None] * N + row0[None, :]
         tl.store(part, acc0, mask=ok0)
@@ -779,6 +785,38 @@ def _mma_gemm_kernel(
         y0 = y_ptr + m.to(tl.int64)[:, None] * stride_ym + row0[None, :]
         tl.store(y0, acc0.to(dt), mask=ok0)
         tl.store(y0 + 8, acc1.to(dt), mask=ok1)
+
+
+def _mma_gemm_tma_kernel(
+    x_desc, w_desc, lut_ptr, tb_ptr, s_ptr, y_ptr, ws_ptr, M, N, stride_ym, lds, groups_per_split, n_groups,
+    SG: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
+    ASM: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
+):  # fmt: skip
+    """:func:`_mma_gemm_kernel` with its operands brought in by the tensor-memory accelerator (``x_desc``: x as
+    ``[M, K]`` in ``[BM, 64]`` blocks; ``w_desc``: the code words as ``[tiles, groups * 128]`` in ``[BT, 128]``
+    blocks; out-of-range rows and columns read as zeros) and the K loop warp-specialised (``WS``, sm_90+): one
+    warp group issues the copies, two consumer warp groups each decode the weight tile and multiply it with half
+    of the activation rows, so one group's decode runs while the other's wgmma does."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    q_lo = tl.program_id(2) * groups_per_split
+    q_end = tl.minimum(q_lo + groups_per_split, n_groups)
+    R: tl.constexpr = BT * 8
+    rr = tl.arange(0, R)
+    row0 = (pid_n * BT + rr // 8) * 16 + rr % 8  # feature rows of the h = 0 tile (h = 1: + 8)
+    s_rows = s_ptr + row0.to(tl.int64) * lds
+    dt: tl.constexpr = tl.float16 if F16 else tl.bfloat16
+    acc0 = tl.zeros([BM, R], dtype=tl.float32)
+    acc1 = tl.zeros([BM, R], dtype=tl.float32)
+    for q in tl.range(q_lo, q_end, num_stages=STAGES, warp_specialize=WS):
+        wd = tl.reshape(w_desc.load([pid_n * BT, q * 128]), [R, 16])
+        xt = x_desc.load([pid_m * BM, q * 64])
+        w0, w1 = _group_tiles(wd, s_rows, q, row0 < N, row0 + 8 < N, lds, lut_ptr, tb_ptr, SG, R, dt, F16, ASM)
+        if not ASM:  # (Triton 3.9's interpreter multiplies the bit patterns of bf16 dot operands)
+            xt, w0, w1 = xt.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
+        acc0 = tl.dot(xt, tl.trans(w0), acc0)
+        acc1 = tl.dot(xt, tl.trans(w1), acc1)
+    _gemm_store(acc0, acc1, y_ptr, ws_ptr, pid_m * BM + tl.arange(0, BM), row0, M, N, stride_ym, SPLIT)
 
 
 def _mma_dequant16_kernel(
@@ -851,10 +889,18 @@ _HELPERS = (
     "_group_tiles",
     "_decode_one",
     "_round_to",
+    "_gemm_store",
 )
 _PLAIN = jit_helpers(globals(), _HELPERS)
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction as _JITFunction
+
+    try:  # (host-side tensor descriptors: Triton >= 3.4)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover
+        TensorDescriptor = None
+else:  # pragma: no cover
+    TensorDescriptor = None
 
 
 @functools.cache
@@ -1038,13 +1084,25 @@ def _decode_operands(p: MmaLutWeight, dtype: torch.dtype) -> tuple[torch.Tensor,
     return p.byte_tables[1 if dtype == torch.float16 else 0], sg
 
 
+def _use_tma(cfg: dict, x2: torch.Tensor, interpret: bool) -> bool:
+    """Whether the GEMM takes its operands through tensor descriptors (``cfg["TMA"]``; None: on sm_90+ GPUs):
+    x's rows must start on 16-byte boundaries (the code words always do)."""
+    want = cfg["TMA"] if cfg["TMA"] is not None else not interpret and _sm90_or_later(_device_index(x2))
+    aligned = x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0
+    return bool(want) and TensorDescriptor is not None and aligned
+
+
 def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dict | None) -> torch.Tensor:
     cfg = dict(GEMM_DEFAULT, **(config or {}))
     if cfg["BM"] is None:
         cfg["BM"] = 64 if x2.shape[0] <= 64 else 128
-    for name, allowed in (("BT", (8, 16)), ("BM", (16, 32, 64, 128, 256)), ("STAGES", (1, 2, 3, 4, 5))):
+    for name, allowed in (("BT", (2, 4, 8, 16)), ("BM", (16, 32, 64, 128, 256)), ("STAGES", (1, 2, 3, 4, 5)),
+                          ("TMA", (None, False, True)), ("WS", (False, True))):
         if cfg[name] not in allowed:
             raise ValueError(f"gemm config {name} must be one of {allowed}, got {cfg[name]!r}")
+    if cfg["WS"] and (cfg["BT"] > 8 or cfg["num_warps"] != 4):  # (Triton 3.6's pass asserts on BT = 16)
+        raise ValueError(f"gemm config WS=True needs BT <= 8 and num_warps == 4, got BT={cfg['BT']}, "
+                         f"num_warps={cfg['num_warps']}")
     m, k = x2.shape
     n = p.out_features
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
@@ -1058,12 +1116,18 @@ def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dic
     split = _cdiv(p.n_groups, per)
     ws = _workspace(x2.device, split * m * n, 1)[0] if split > 1 else y
     table, sg = _decode_operands(p, x2.dtype)
-    _kernel(_mma_gemm_kernel, interpret)[grid + (split,)](
-        x2, p.words, p.lut, table, p.scales, y, ws, m, n, k, x2.stride(0), y.stride(0), p.scales.stride(0),
-        p.n_tiles, p.n_groups, per, SG=sg, BT=cfg["BT"], BM=cfg["BM"], STAGES=cfg["STAGES"],
-        F16=x2.dtype == torch.float16, ASM=not interpret, SPLIT=split > 1, num_warps=cfg["num_warps"],
-        num_stages=cfg["STAGES"],
-    )  # fmt: skip
+    common = dict(SG=sg, BT=cfg["BT"], BM=cfg["BM"], STAGES=cfg["STAGES"], F16=x2.dtype == torch.float16,
+                  ASM=not interpret, SPLIT=split > 1, num_warps=cfg["num_warps"], num_stages=cfg["STAGES"])
+    if _use_tma(cfg, x2, interpret):
+        x_desc = TensorDescriptor.from_tensor(x2, [cfg["BM"], GROUP_K])
+        w_desc = TensorDescriptor.from_tensor(p.words.view(p.n_tiles, p.n_groups * 128), [cfg["BT"], 128])
+        _kernel(_mma_gemm_tma_kernel, interpret)[grid + (split,)](
+            x_desc, w_desc, p.lut, table, p.scales, y, ws, m, n, y.stride(0), p.scales.stride(0), per, p.n_groups,
+            WS=cfg["WS"] and not interpret, **common)  # fmt: skip
+    else:
+        _kernel(_mma_gemm_kernel, interpret)[grid + (split,)](
+            x2, p.words, p.lut, table, p.scales, y, ws, m, n, k, x2.stride(0), y.stride(0), p.scales.stride(0),
+            p.n_tiles, p.n_groups, per, **common)  # fmt: skip
     if split > 1:  # (deterministic: a fixed summation order)
         y.copy_(ws[: split * m * n].view(split, m, n).sum(dim=0))
     return y
