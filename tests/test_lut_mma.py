@@ -127,10 +127,10 @@ def _gemm_weight_reference(codes, lut, scales, block, dtype):
 @pytest.mark.parametrize(("n", "k", "block", "m", "config"), [
     (40, 128, 64, 5, {"BM": 16}), (333, 1008, 128, 19, {"BM": 16}), (150, 320, 320, 70, {"BM": 64, "STAGES": 2}),
     (24, 192, 64, 33, {"BM": 32, "BT": 16}), (40, 448, 128, 9, {"BM": 16, "SPLIT": 3}),
-    # operands through tensor descriptors (out-of-range blocks read as zeros), warp-specialised on GPUs
+    # operands through tensor descriptors (out-of-range blocks read as zeros)
     (333, 1008, 128, 19, {"BM": 16, "TMA": True}), (40, 448, 128, 9, {"BM": 16, "SPLIT": 3, "TMA": True, "BT": 2}),
-    (150, 320, 320, 70, {"BM": 64, "STAGES": 2, "TMA": True, "WS": True}), (70, 208, 208, 3, {"BM": 16, "TMA": True}),
-    (300, 512, 128, 130, {"BM": 128, "BT": 4, "TMA": True, "WS": True, "SPLIT": 2}),
+    (150, 320, 320, 70, {"BM": 64, "STAGES": 2, "TMA": True}), (70, 208, 208, 3, {"BM": 16, "TMA": True}),
+    (300, 512, 128, 130, {"BM": 128, "BT": 4, "TMA": True, "SPLIT": 2}),
 ])  # fmt: skip
 def test_gemm_matches_its_rounding_and_float64(monkeypatch, n, k, block, m, config):
     _kernels_here(monkeypatch)
@@ -173,8 +173,7 @@ def test_gemm_refuses_what_it_cannot_compute(monkeypatch):
     if LM.HAS_TRITON:
         _kernels_here(monkeypatch)
         for bad, field in (({"BM": 48}, "BM"), ({"BT": 3}, "BT"), ({"STAGES": 0}, "STAGES"), ({"SPLIT": 0}, "SPLIT"),
-                           ({"TMA": "yes"}, "TMA"), ({"WS": 1.5}, "WS"),
-                           ({"WS": True, "BT": 16}, "WS")):
+                           ({"TMA": "yes"}, "TMA")):
             with pytest.raises(ValueError, match=field):
                 LM.mma_linear(torch.randn(2, 64).bfloat16().to(DEV), p.to(DEV), path="gemm", config=bad)
 

@@ -99,7 +99,7 @@ DEQUANT_CONFIG = {"BN": 64, "num_warps": 4}
 DEQUANT16_CONFIG = {"BT": 8, "GQ": 4, "num_warps": 4}
 #: Fused GEMM (batches > MMA_MAX_M): 16 BT features x BM rows of x per program (None: 64 up to 64 rows, else
 #: 128), STAGES groups in flight, SPLIT K slices (None: :func:`gemm_split`) -- the H100 sweep's best at 64-256 rows.
-GEMM_DEFAULT = {"BT": 8, "BM": None, "STAGES": 3, "num_warps": 4, "SPLIT": None, "TMA": False, "WS": False}
+GEMM_DEFAULT = {"BT": 8, "BM": None, "STAGES": 3, "num_warps": 4, "SPLIT": None, "TMA": None}
 GEMM_PROGRAMS_PER_SM, GEMM_MIN_GROUPS = 1, 16
 TILE_ROWS, GROUP_K = 16, 64
 
@@ -790,13 +790,11 @@ def _gemm_store(acc0, acc1, y_ptr, ws_ptr, m, row0, M, N, stride_ym, SPLIT: tl.c
 def _mma_gemm_tma_kernel(
     x_desc, w_desc, lut_ptr, tb_ptr, s_ptr, y_ptr, ws_ptr, M, N, stride_ym, lds, groups_per_split, n_groups,
     SG: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
-    ASM: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
+    ASM: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """:func:`_mma_gemm_kernel` with its operands brought in by the tensor-memory accelerator (``x_desc``: x as
-    ``[M, K]`` in ``[BM, 64]`` blocks; ``w_desc``: the code words as ``[tiles, groups * 128]`` in ``[BT, 128]``
-    blocks; out-of-range rows and columns read as zeros) and the K loop warp-specialised (``WS``, sm_90+): one
-    warp group issues the copies, two consumer warp groups each decode the weight tile and multiply it with half
-    of the activation rows, so one group's decode runs while the other's wgmma does."""
+    """:func:`_mma_gemm_kernel` with its operands brought in by the tensor-memory accelerator (sm_90+) instead of
+    per-thread loads: ``x_desc`` is x as ``[M, K]`` in ``[BM, 64]`` blocks, ``w_desc`` the code words as
+    ``[tiles, groups * 128]`` in ``[BT, 128]`` blocks; out-of-range rows and columns read as zeros, so no masks."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     q_lo = tl.program_id(2) * groups_per_split
@@ -808,7 +806,7 @@ def _mma_gemm_tma_kernel(
     dt: tl.constexpr = tl.float16 if F16 else tl.bfloat16
     acc0 = tl.zeros([BM, R], dtype=tl.float32)
     acc1 = tl.zeros([BM, R], dtype=tl.float32)
-    for q in tl.range(q_lo, q_end, num_stages=STAGES, warp_specialize=WS):
+    for q in tl.range(q_lo, q_end, num_stages=STAGES):
         wd = tl.reshape(w_desc.load([pid_n * BT, q * 128]), [R, 16])
         xt = x_desc.load([pid_m * BM, q * 64])
         w0, w1 = _group_tiles(wd, s_rows, q, row0 < N, row0 + 8 < N, lds, lut_ptr, tb_ptr, SG, R, dt, F16, ASM)
@@ -1097,12 +1095,9 @@ def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dic
     if cfg["BM"] is None:
         cfg["BM"] = 64 if x2.shape[0] <= 64 else 128
     for name, allowed in (("BT", (2, 4, 8, 16)), ("BM", (16, 32, 64, 128, 256)), ("STAGES", (1, 2, 3, 4, 5)),
-                          ("TMA", (None, False, True)), ("WS", (False, True))):
+                          ("TMA", (None, False, True))):
         if cfg[name] not in allowed:
             raise ValueError(f"gemm config {name} must be one of {allowed}, got {cfg[name]!r}")
-    if cfg["WS"] and (cfg["BT"] > 8 or cfg["num_warps"] != 4):  # (Triton 3.6's pass asserts on BT = 16)
-        raise ValueError(f"gemm config WS=True needs BT <= 8 and num_warps == 4, got BT={cfg['BT']}, "
-                         f"num_warps={cfg['num_warps']}")
     m, k = x2.shape
     n = p.out_features
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
@@ -1123,7 +1118,7 @@ def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dic
         w_desc = TensorDescriptor.from_tensor(p.words.view(p.n_tiles, p.n_groups * 128), [cfg["BT"], 128])
         _kernel(_mma_gemm_tma_kernel, interpret)[grid + (split,)](
             x_desc, w_desc, p.lut, table, p.scales, y, ws, m, n, y.stride(0), p.scales.stride(0), per, p.n_groups,
-            WS=cfg["WS"] and not interpret, **common)  # fmt: skip
+            **common)  # fmt: skip
     else:
         _kernel(_mma_gemm_kernel, interpret)[grid + (split,)](
             x2, p.words, p.lut, table, p.scales, y, ws, m, n, k, x2.stride(0), y.stride(0), p.scales.stride(0),
