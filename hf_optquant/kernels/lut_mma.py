@@ -731,6 +731,12 @@ def _round_to(v, dt: tl.constexpr):
         return v.to(dt)
 
 
+def _gemm_program(groups_per_split, n_groups):
+    """A GEMM program's row block of x, feature block, and its K slice ``[q_lo, q_end)`` of 64-column groups."""
+    q_lo = tl.program_id(2) * groups_per_split
+    return tl.program_id(0), tl.program_id(1), q_lo, tl.minimum(q_lo + groups_per_split, n_groups)
+
+
 def _mma_gemm_kernel(
     x_ptr, w_ptr, lut_ptr, tb_ptr, s_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_ym, lds, n_tiles, n_groups,
     groups_per_split, SG: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, STAGES: tl.constexpr,
@@ -741,10 +747,7 @@ def _mma_gemm_kernel(
     tiles -- rows ``16 t + g`` (h = 0) and ``16 t + 8 + g`` (h = 1) -- and fed to ``tl.dot`` (wgmma on
     sm_90) with the activations as the first operand.  Programs along axis 0 share a weight tile (L2); axis 2
     splits K (``SPLIT``: fp32 partial sums per slice, summed afterwards in a fixed order)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    q_lo = tl.program_id(2) * groups_per_split
-    q_end = tl.minimum(q_lo + groups_per_split, n_groups)
+    pid_m, pid_n, q_lo, q_end = _gemm_program(groups_per_split, n_groups)
     R: tl.constexpr = BT * 8
     rr = tl.arange(0, R)
     t = pid_n * BT + rr // 8
@@ -795,10 +798,7 @@ def _mma_gemm_tma_kernel(
     """:func:`_mma_gemm_kernel` with its operands brought in by the tensor-memory accelerator (sm_90+) instead of
     per-thread loads: ``x_desc`` is x as ``[M, K]`` in ``[BM, 64]`` blocks, ``w_desc`` the code words as
     ``[tiles, groups * 128]`` in ``[BT, 128]`` blocks; out-of-range rows and columns read as zeros, so no masks."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    q_lo = tl.program_id(2) * groups_per_split
-    q_end = tl.minimum(q_lo + groups_per_split, n_groups)
+    pid_m, pid_n, q_lo, q_end = _gemm_program(groups_per_split, n_groups)
     R: tl.constexpr = BT * 8
     rr = tl.arange(0, R)
     row0 = (pid_n * BT + rr // 8) * 16 + rr % 8  # feature rows of the h = 0 tile (h = 1: + 8)
@@ -888,6 +888,7 @@ _HELPERS = (
     "_decode_one",
     "_round_to",
     "_gemm_store",
+    "_gemm_program",
 )
 _PLAIN = jit_helpers(globals(), _HELPERS)
 if HAS_TRITON:
