@@ -275,3 +275,20 @@ def test_quant_linear_uses_the_fragment_layout_for_4bit_codes(monkeypatch):
         y = layer.to(DEV)(x.to(DEV)).cpu()
         assert isinstance(layer.runtime_weight(torch.device(DEV)).packed, layout)
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@needs_triton
+def test_gemm_falls_back_to_pointer_loads_for_unaligned_x(monkeypatch):
+    """Tensor descriptors need 16-byte aligned bases: an x that starts 2 bytes in is served by the pointer-load
+    kernel, with the same result as asking for it."""
+    _kernels_here(monkeypatch)
+    codes, lut, scales = _weight(48, 192, 64, seed=11)
+    p = LM.pack_mma_weight(codes, lut, scales.bfloat16().float(), 64, device=DEV)
+    flat = torch.randn(40 * 192 + 1, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEV)
+    x = flat[1:].view(40, 192)  # contiguous, base 2 bytes past an allocation
+    assert x.data_ptr() % 16 and not LM._use_tma({"TMA": True}, x, p.words, interpret=True)
+    assert LM._use_tma({"TMA": True}, x.clone(), p.words, interpret=True)
+    y = LM.mma_linear(x, p, path="gemm", config={"BM": 64, "TMA": True})
+    assert torch.equal(y, LM.mma_linear(x, p, path="gemm", config={"BM": 64, "TMA": False}))
+    ref = x.double().cpu() @ dequantize_reference(codes, lut, scales.bfloat16().float(), 64, dtype=torch.float64).T
+    assert float((y.cpu().double() - ref).norm() / ref.norm()) < 1e-2

@@ -1083,11 +1083,11 @@ def _decode_operands(p: MmaLutWeight, dtype: torch.dtype) -> tuple[torch.Tensor,
     return p.byte_tables[1 if dtype == torch.float16 else 0], sg
 
 
-def _use_tma(cfg: dict, x2: torch.Tensor, interpret: bool) -> bool:
+def _use_tma(cfg: dict, x2: torch.Tensor, words: torch.Tensor, interpret: bool) -> bool:
     """Whether the GEMM takes its operands through tensor descriptors (``cfg["TMA"]``; None: on sm_90+ GPUs):
-    x's rows must start on 16-byte boundaries (the code words always do)."""
+    both must start on 16-byte boundaries and x's rows too (the code-word rows always do)."""
     want = cfg["TMA"] if cfg["TMA"] is not None else not interpret and _sm90_or_later(_device_index(x2))
-    aligned = x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0
+    aligned = x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0 and words.data_ptr() % 16 == 0
     return bool(want) and TensorDescriptor is not None and aligned
 
 
@@ -1114,7 +1114,7 @@ def _launch_gemm(x2: torch.Tensor, p: MmaLutWeight, interpret: bool, config: dic
     table, sg = _decode_operands(p, x2.dtype)
     common = dict(SG=sg, BT=cfg["BT"], BM=cfg["BM"], STAGES=cfg["STAGES"], F16=x2.dtype == torch.float16,
                   ASM=not interpret, SPLIT=split > 1, num_warps=cfg["num_warps"], num_stages=cfg["STAGES"])
-    if _use_tma(cfg, x2, interpret):
+    if _use_tma(cfg, x2, p.words, interpret):
         x_desc = TensorDescriptor.from_tensor(x2, [cfg["BM"], GROUP_K])
         w_desc = TensorDescriptor.from_tensor(p.words.view(p.n_tiles, p.n_groups * 128), [cfg["BT"], 128])
         _kernel(_mma_gemm_tma_kernel, interpret)[grid + (split,)](
