@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from canonical_bits import decode_bits
 
 from hf_optquant.coding.huffman import canonical_codes, kraft_sum
 from hf_optquant.coding.pairs import (
@@ -77,13 +78,7 @@ def test_lanes_round_trip_and_bitwise_decoding(rng, n, k, chunk) -> None:
     start = int(lanes.chunk_base[u]) + int(counts[u, :lane].sum())
     words = lanes.words[start : start + int(counts[u, lane])].long() & 0xFFFFFFFF
     bits = "".join(f"{int(w):032b}" for w in words)
-    by_code = {(int(code.lengths[s]), int(c)): s for s, c in enumerate(canonical_codes(code.lengths))}
-    syms, acc, ln = [], 0, 0
-    for b in bits:
-        acc, ln = (acc << 1) | int(b), ln + 1
-        if (ln, acc) in by_code:
-            syms.append(by_code[(ln, acc)])
-            acc, ln = 0, 0
+    syms = decode_bits(bits, code.lengths, canonical_codes(code.lengths))
     pairs, _, ng, nch = lane_pairs(idx, chunk)
     pairs = pairs[u, lane]
     n_real = PAIRS_PER_GROUP * min(chunk, ng - (u % nch) * chunk)  # pairs of the real groups; then padding bits

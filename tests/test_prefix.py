@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from canonical_bits import decode_bits
 
 from hf_optquant.coding.huffman import kraft_sum
 from hf_optquant.coding.layout import Geometry
@@ -44,20 +45,6 @@ def _symbols(rng, n: int, k: int, alphabet: int = 20) -> torch.Tensor:
     return torch.from_numpy(rng.choice(alphabet, (n, k), p=p)).long()
 
 
-def _decode_bits(bits: str, code: PrefixCode, count: int) -> list[int]:
-    """Canonical prefix decoding, one bit at a time (independent of the lookup table)."""
-    words = {(int(code.lengths[s]), int(code.codes[s])): s for s in np.flatnonzero(code.lengths)}
-    out, acc, length = [], 0, 0
-    for b in bits:
-        acc, length = (acc << 1) | int(b), length + 1
-        if (length, acc) in words:
-            out.append(words[(length, acc)])
-            acc, length = 0, 0
-            if len(out) == count:
-                break
-    return out
-
-
 def test_code_is_complete_and_length_limited(rng) -> None:
     counts = rng.integers(0, 10_000, 300) * (rng.random(300) < 0.7)
     counts[:3] = [1, 1, 1]
@@ -78,7 +65,7 @@ def test_lookup_table_matches_a_bitwise_decoder(rng) -> None:
     table = lookup_table(code, np.arange(17) + 100)
     for w in rng.integers(0, 1 << WINDOW_BITS, 300):
         bits = format(int(w), f"0{WINDOW_BITS}b")
-        ref = _decode_bits(bits, code, PER_LOOKUP)
+        ref = decode_bits(bits, code.lengths, code.codes, PER_LOOKUP)
         # the lookup keeps only codes that end inside the window
         used, ends = 0, 0
         for s in ref:
@@ -114,7 +101,7 @@ def test_first_lane_holds_its_codes_msb_first(rng) -> None:
     code = PrefixCode.from_counts(np.bincount(sym.reshape(-1).numpy(), minlength=6) + 1)
     lanes = encode_prefix_lanes(sym.reshape(-1), code, Geometry(40, 40, 40))
     bits = "".join(format(int(w), "032b") for w in lanes.words)  # one lane: load order == lane order
-    assert _decode_bits(bits, code, 40) == sym.reshape(-1).tolist()
+    assert decode_bits(bits, code.lengths, code.codes, 40) == sym.reshape(-1).tolist()
 
 
 def test_corrupt_words_stay_bounded(rng) -> None:

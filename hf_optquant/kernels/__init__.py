@@ -7,8 +7,10 @@
   tables where the shape allows it);
 * :mod:`.grid_linear` -- entropy-coded grid weights decoded on the GPU (fused decode-GEMV), with
   :mod:`.grid_reference` beside it (import the submodule: its main function shares its name);
-  ``pack_grid_weight`` re-codes a stored (rANS) weight into the prefix-code layout of
-  :mod:`.prefix_linear` (default: several weights per table lookup) or keeps the rANS lanes.
+  ``pack_grid_weight`` re-codes a stored (rANS) weight for the GPU: by default (``layout="auto"``) into the
+  pair code of :mod:`.pair_mma` (one tensor-core register per lookup) on a GPU for rows of up to 4096
+  in-features, else into the prefix code of :mod:`.prefix_linear` (several weights per lookup); or keeps the
+  rANS lanes.
 """
 
 from .lut_linear import (

@@ -60,6 +60,7 @@ from ..formats.tensor import EncodedTensor, TensorFormat
 from .common import HAS_TRITON, DeviceTensors, jit_or_interpret, linear_input, scratch_weight, tl, use_triton
 from .common import cdiv as _cdiv
 from .common import interpret_mode as _interpret_mode
+from .pair_mma import PackedPairWeight, decode_pair_weight, fits_pair_layout, pack_pair_weight, pair_linear
 from .prefix_linear import PackedPrefixWeight, decode_prefix_weight, escape_weights, pack_prefix_weight, prefix_linear
 
 __all__ = [
@@ -121,7 +122,6 @@ class PackedGridWeight(DeviceTensors):
     @property
     def num_escapes(self) -> int:
         return self.esc_val.numel()
-
 
 
 def grid_supported(fmt: TensorFormat) -> bool:
@@ -186,11 +186,9 @@ def pack_grid_weight(
         index = _stream_indices(coded, h, device).reshape(rows, cols)
         if layout == "auto":
             layout = layout_for(cols, device)
-            if layout == "pairs" and index.numel() and int(index.abs().max()) >= 1 << 15:
+            if layout == "pairs" and not fits_pair_layout(index):
                 layout = "prefix"  # indices the pair layout cannot escape
         if layout == "pairs":
-            from .pair_mma import pack_pair_weight
-
             return pack_pair_weight(index, scales, fmt.element.step, encoded.dtype, device)  # (chunk_size: unused)
         return pack_prefix_weight(index, scales, fmt.element.step, encoded.dtype, device, chunk_size=chunk_size)
     if not _row_coded(h, cols) or (chunk_size is not None and chunk_size != h.chunk_size):
@@ -679,9 +677,7 @@ def decode_grid_weight(packed: PackedGridWeight, dtype: torch.dtype | None = Non
     """The dense ``[N, K]`` weight on ``packed``'s device, bit-identical to the format's decode."""
     if isinstance(packed, PackedPrefixWeight):
         return decode_prefix_weight(packed, dtype)
-    if _is_pairs(packed):
-        from .pair_mma import decode_pair_weight
-
+    if isinstance(packed, PackedPairWeight):
         return decode_pair_weight(packed, dtype)
     dtype = packed.dtype if dtype is None else dtype
     if dtype == torch.float64:
@@ -701,9 +697,7 @@ def grid_linear(x: torch.Tensor, packed: PackedGridWeight, *, path: str | None =
     """
     if isinstance(packed, PackedPrefixWeight):
         return prefix_linear(x, packed, path=path)
-    if _is_pairs(packed):
-        from .pair_mma import pair_linear
-
+    if isinstance(packed, PackedPairWeight):
         return pair_linear(x, packed, path=path)
     k, n = packed.in_features, packed.out_features
     x2, lead = linear_input(x, k, ("gemv", "dense", "torch"), path)
@@ -726,9 +720,3 @@ def grid_linear(x: torch.Tensor, packed: PackedGridWeight, *, path: str | None =
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     _launch(packed, MODE_GEMV, y, x2)
     return y.reshape(*lead, n)
-
-
-def _is_pairs(packed) -> bool:
-    from .pair_mma import PackedPairWeight
-
-    return isinstance(packed, PackedPairWeight)

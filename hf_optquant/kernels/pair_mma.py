@@ -61,7 +61,8 @@ from .lut_mma import (  # noqa: F401
     _xfrag,
 )
 
-__all__ = ["PackedPairWeight", "decode_pair_weight", "pack_pair_weight", "pair_linear", "pair_chunk"]
+__all__ = ["PackedPairWeight", "decode_pair_weight", "fits_pair_layout", "pack_pair_weight", "pair_linear",
+           "pair_chunk"]
 
 GEMV_MAX_M = 16
 """Largest batch served by the fused decode-GEMV (programs of 8 rows); above: decode + matmul."""
@@ -137,6 +138,11 @@ def pair_chunk(in_features: int) -> int:
     return min(fits, key=lambda c: abs(c - CHUNK_GROUPS)) if fits else CHUNK_GROUPS
 
 
+def fits_pair_layout(index: torch.Tensor) -> bool:
+    """Whether every grid index fits the pair layout's escapes (int16)."""
+    return not index.numel() or int(index.abs().max()) < 1 << 15
+
+
 def pack_pair_weight(
     index: torch.Tensor, scales: torch.Tensor, step: float, dtype: torch.dtype = torch.bfloat16, device=None,
     *, chunk: int | None = None, code: PairCode | None = None,
@@ -147,7 +153,7 @@ def pack_pair_weight(
     rows, cols = index.shape
     if cols % 16:
         raise ValueError(f"in_features={cols} is not a multiple of 16 (16-byte activation loads)")
-    if index.numel() and int(index.abs().max()) >= 1 << 15:
+    if not fits_pair_layout(index):
         raise ValueError("grid indices beyond int16 cannot be escaped in the pair layout")
     scales = scales.float().reshape(-1)
     if scales.numel() not in (1, rows):
