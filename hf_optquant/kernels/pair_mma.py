@@ -37,6 +37,7 @@ from ..coding.pairs import (
     TILE_ROWS,
     VALUE_BIAS,
     PairCode,
+    PairLanes,
     build_pair_code,
     decode_pair_lanes,
     encode_pair_lanes,
@@ -122,7 +123,6 @@ class PackedPairWeight(DeviceTensors):
         return self.esc_pos.numel()
 
 
-
 CHUNK_GROUPS = 8
 """Default groups of 64 columns per chunk: more warps in flight for +0.05 b/p over 16 (H100, session 9)."""
 
@@ -182,8 +182,6 @@ def pack_pair_weight(
 def pair_reference_index(p: PackedPairWeight) -> torch.Tensor:
     """The ``[N, K]`` grid indices of a packed weight, by the torch bit-position decoder and the escape list."""
     nt, nch, ch = p.n_tiles, p.n_chunks, p.chunk
-    from ..coding.pairs import PairLanes
-
     lanes = PairLanes(p.words, p.chunk_base, p.counts, p.esc_off, *(torch.empty(0),) * 4)
     ent = decode_pair_lanes(lanes, p.table, nt * nch, ch)
     v0, v1 = entry_values(ent)
