@@ -79,12 +79,12 @@ class PairCode:
         return out.astype(np.int32)
 
 
-def pair_symbols_keys(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(key, in_range)`` of the pairs ``(index[:, 2p], index[:, 2p + 1])`` of an even-width ``[N, K]`` index."""
-    i0, i1 = index[:, 0::2].to(torch.int64), index[:, 1::2].to(torch.int64)
+def pair_keys(i0: torch.Tensor, i1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key, in_range)`` of the pairs ``(i0, i1)``: key ``(i0 + 64) * 128 + (i1 + 64)`` where both indices are in
+    ``[-64, 63]`` (0 elsewhere)."""
+    i0, i1 = i0.to(torch.int64), i1.to(torch.int64)
     ok = (i0 >= -VALUE_BIAS) & (i0 < VALUE_BIAS) & (i1 >= -VALUE_BIAS) & (i1 < VALUE_BIAS)
-    key = torch.where(ok, (i0 + VALUE_BIAS) * _SIDE + i1 + VALUE_BIAS, 0)
-    return key, ok
+    return torch.where(ok, (i0 + VALUE_BIAS) * _SIDE + i1 + VALUE_BIAS, 0), ok
 
 
 def build_pair_code(index: torch.Tensor) -> PairCode:
@@ -92,7 +92,7 @@ def build_pair_code(index: torch.Tensor) -> PairCode:
     minimises codeword bits plus :data:`ESCAPE_BITS` per escaped pair, lengths limited to 12 bits."""
     if index.shape[1] % 2:
         index = torch.nn.functional.pad(index, (0, 1))
-    key, ok = pair_symbols_keys(index)
+    key, ok = pair_keys(index[:, 0::2], index[:, 1::2])
     counts = torch.bincount(key[ok], minlength=_SIDE * _SIDE).cpu().numpy().astype(np.float64)
     out_of_range = float((~ok).sum())
     order = np.argsort(-counts, kind="stable")
@@ -162,10 +162,8 @@ def encode_pair_lanes(index: torch.Tensor, code: PairCode, chunk: int) -> PairLa
     n, k = index.shape
     lanes, nt, ng, nch = lane_pairs(index, chunk)
     pairs = lanes.reshape(-1, 2)
-    i0, i1 = pairs[:, 0], pairs[:, 1]
-    ok = (i0 >= -VALUE_BIAS) & (i0 < VALUE_BIAS) & (i1 >= -VALUE_BIAS) & (i1 < VALUE_BIAS)
-    sym = code.symbol_map(dev)[torch.where(ok, (i0 + VALUE_BIAS) * _SIDE + i1 + VALUE_BIAS, 0)]
-    sym = torch.where(ok, sym, code.escape).view(lanes.shape[:3])
+    key, ok = pair_keys(pairs[:, 0], pairs[:, 1])
+    sym = torch.where(ok, code.symbol_map(dev)[key], code.escape).view(lanes.shape[:3])
     row, col = lane_positions(nt, nch, chunk, dev)
     real = col < 64 * ng  # pairs of padding groups (last chunk) are not coded
     lengths = torch.as_tensor(code.lengths, device=dev)[sym] * real
